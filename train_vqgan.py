@@ -1,0 +1,702 @@
+"""
+Train the VQGAN of Taming Transformers (Sec. 3.1): encoder, codebook and decoder against
+L1 (+ LPIPS) + the VQ loss of Eq. (4), and, from `disc_start` on, a patch discriminator with the
+hinge loss of Eq. (5) weighted by the adaptive lambda of Eq. (7).
+
+    python train_vqgan.py                         # built-in shapes, a few minutes on a CPU
+    python train_vqgan.py --data=~/photos --image_size=64 --perceptual_weight=1.0
+    python train_vqgan.py --preset=paper --data=~/imagenet/train --batch_size=4
+    python train_vqgan.py --help                  # every hyperparameter with its default
+
+Writes out_dir/ckpt.pt (model, discriminator, both optimisers, step, config, RNG state),
+out_dir/log.csv and out_dir/recon_XXXXXX.png (originals over reconstructions).
+This file also holds the small utilities the other scripts share (flag parsing, device,
+checkpoints, data), so the data path stays one straight line: train_vqgan -> train_gpt -> sample.
+"""
+
+import csv
+import os
+import random
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from tqdm import tqdm
+
+from vqgan import (VQGAN, Discriminator, PAPER_CONFIG, adaptive_weight, codebook_usage, hinge_d_loss,
+                   hinge_g_loss)
+
+# -----------------------------------------------------------------------------
+# Hyperparameters. Each can be overridden from the shell: --name=value. The defaults train on the
+# built-in shapes in about 5 minutes on a 2-core CPU (see README for the measured figures).
+CONFIG = dict(
+    # data
+    data="shapes",            # 'shapes' (built in, no download), a folder of images, or cifar10 / mnist / celeba
+    data_root="data",         # where torchvision datasets are downloaded to
+    image_size=32,            # training images are resized/cropped to this many pixels square
+    val_fraction=0.05,        # share of a folder held out for validation (torchvision sets use their official split)
+    num_workers=0,            # DataLoader worker processes; shapes are generated faster in the main process
+    # model (the paper: ch 128, ch_mult 1,1,2,2,4, 2 res blocks, attention at 16, z/embed 256, K 1024)
+    ch=32,                    # base channel count; level i has ch * ch_mult[i] channels
+    ch_mult=(1, 2, 2),        # one entry per resolution level; f = 2^(len-1): 32x32 images -> 8x8 tokens
+    num_res_blocks=1,         # ResnetBlocks per level in the encoder (the decoder has one more)
+    attn_resolutions=(8,),    # feature-map sizes that get a self-attention block
+    z_channels=64,            # encoder output channels
+    embed_dim=64,             # n_z: dimension of each codebook vector
+    n_codes=256,              # K: codebook size = the GPT's vocabulary of image tokens
+    beta=0.25,                # commitment weight of Eq. (4)
+    # loss
+    perceptual_weight=0.0,    # LPIPS weight in L_rec. Off for shapes: VGG16 weights are a download, and
+                              # on flat synthetic shapes L1 alone already gives sharp edges. 1.0 for photos.
+    lpips_pretrained=True,    # False: random VGG features (works offline, but a much weaker perceptual loss)
+    lpips_weights="",         # path to an LPIPS vgg.pth with the learned 1x1 weights ('' = find or use ones)
+    disc_start=1000,          # step at which the discriminator starts; before it, D neither trains nor runs
+    disc_weight=0.8,          # multiplies the adaptive lambda of Eq. (7) (official configs: 0.8)
+    disc_ndf=32,              # discriminator base width (paper 64; 32 is plenty for 32x32 shapes)
+    disc_layers=3,            # stride-2 conv blocks in D (paper 3); needs image_size >= 3 * 2^disc_layers
+    # optimisation
+    batch_size=16,
+    max_steps=1500,           # total generator steps
+    lr=1e-3,                  # Adam learning rate for both G and D (paper: 4.5e-6 x batch size, for 256x256)
+    # logging and checkpoints
+    out_dir="out/vqgan",
+    eval_interval=500,        # validate, save a reconstruction grid and the checkpoint every this many steps
+    eval_images=256,          # validation images per evaluation
+    preset="",                # 'paper': the paper's configuration (256x256, f16, K=1024, LPIPS, D from 10k)
+    device="auto",            # auto = cuda, then mps, then cpu
+    dtype="auto",             # auto = bf16 autocast on CUDA (fp16 + GradScaler without bf16), fp32 elsewhere
+    seed=0,
+    resume=False,             # continue from out_dir/ckpt.pt exactly where it stopped
+)
+
+# --preset=paper: the paper's VQGAN (custom_vqgan.yaml). lr becomes 4.5e-6 x batch_size unless given.
+PAPER_PRESET = dict(PAPER_CONFIG, image_size=256, perceptual_weight=1.0, disc_start=10000, disc_weight=0.8,
+                    disc_ndf=64, batch_size=4, max_steps=500000, eval_interval=2000, eval_images=64)
+
+# Model keys: these must match a checkpoint we resume from.
+MODEL_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_codes",
+              "disc_ndf", "disc_layers")
+
+# -----------------------------------------------------------------------------
+# Shared utilities: flags, device, precision, checkpoints
+
+
+def parse_overrides(defaults, argv, source_file):
+    """--name=value flags -> {name: value} with the type of the default. Errors are one line."""
+    out = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print_help(source_file)
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"error: cannot read {arg!r}: flags look like --name=value (see --help)")
+        name, value = arg[2:].split("=", 1)
+        if name not in defaults:
+            raise SystemExit(f"error: unknown flag --{name} (see --help for the list)")
+        out[name] = convert_value(name, value, defaults[name])
+    return out
+
+
+def convert_value(name, value, default):
+    try:
+        if isinstance(default, bool):  # before int: bool is a subclass of int
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if isinstance(default, tuple):
+            return tuple(int(v) for v in value.split(",") if v.strip())
+        return type(default)(value)
+    except ValueError:
+        kind = "true or false" if isinstance(default, bool) else \
+            "comma-separated integers like 1,2,2" if isinstance(default, tuple) else f"a {type(default).__name__}"
+        raise SystemExit(f"error: --{name}={value} is not {kind} (default: {format_value(default)})") from None
+
+
+def format_value(v):
+    return ",".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
+
+
+def print_help(source_file):
+    # The hyperparameters are documented once, where they are defined: print that block.
+    lines = open(source_file).read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("CONFIG = dict("))
+    end = next(i for i in range(start, len(lines)) if lines[i] == ")")
+    print(f"usage: python {os.path.basename(source_file)} [--name=value ...]\n")
+    print("\n".join(lines[start + 1:end]))
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={name} but CUDA is not available here (use --device=auto or cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device=mps but MPS is not available here (use --device=auto or cpu)")
+    if name != "cpu" and not name.startswith("cuda") and name != "mps":
+        raise SystemExit(f"error: --device={name} is not one of auto, cpu, cuda, cuda:N, mps")
+    return torch.device(name)
+
+
+def pick_dtype(name, device):
+    """The autocast dtype, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None  # CPU: fp32 is fastest and exact; MPS: keep the simple, known-good path
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    choices = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in choices:
+        raise SystemExit(f"error: --dtype={name} is not one of auto, float32, bfloat16, float16")
+    if choices[name] is not None and device.type != "cuda":
+        raise SystemExit(f"error: --dtype={name} needs a CUDA device (use --dtype=auto on {device.type})")
+    return choices[name]
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def save_checkpoint(obj, path):
+    # Write to a temp file, then rename: a crash mid-write never leaves a half-written ckpt.pt.
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, kind):
+    """Load one of this project's checkpoints, safely (tensors and plain values only)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint at {path} (train one first, or give the right path)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: {path} is not a checkpoint this project can load safely ({first_line[:200]})")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise SystemExit(f"error: {path} is a {found} checkpoint, not a {kind} checkpoint (check the path)")
+    return ckpt
+
+
+def vqgan_from_checkpoint(ckpt):
+    model = VQGAN(**ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Data: built-in shapes, a folder of images, or a torchvision dataset. Every dataset yields images as
+# float32 (3, H, W) in [-1, 1], the range the VQGAN works in.
+
+SHAPE_NAMES = ("circle", "square", "triangle")
+NUM_SHAPE_CLASSES = len(SHAPE_NAMES)
+# 8 colours far apart in RGB, so that a colour is never ambiguous even after a blurry reconstruction.
+PALETTE = (
+    (0, 0, 0),        # black
+    (255, 255, 255),  # white
+    (230, 25, 25),    # red
+    (25, 180, 25),    # green
+    (30, 60, 230),    # blue
+    (250, 220, 0),    # yellow
+    (0, 200, 220),    # cyan
+    (200, 0, 200),    # magenta
+)
+SHAPE_SIZE_RANGE = (0.35, 0.80)  # side / diameter as a fraction of the image: small VQGANs learn these in minutes
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+DATA_HELP = "give a folder of images, or --data=shapes for the built-in data"
+
+
+def _palette_tensor():
+    return torch.tensor(PALETTE, dtype=torch.float32) / 127.5 - 1.0  # uint8 0..255 -> [-1, 1]
+
+
+def _shape_mask(kind, cx, cy, size, xs, ys):
+    # Hard-edged test on pixel centres: the same boolean mask paints the image and the
+    # semantic map, so the two can never disagree.
+    half = size / 2
+    if kind == 0:  # circle of diameter `size`
+        return (xs - cx) ** 2 + (ys - cy) ** 2 <= half ** 2
+    if kind == 1:  # axis-aligned square of side `size`
+        return (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
+    # upright isosceles triangle, `size` wide and high: it widens linearly from the apex down
+    depth = (ys - (cy - half)) / size
+    return (depth >= 0) & (depth <= 1) & (np.abs(xs - cx) <= half * depth)
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """One flat shape on a flat background, drawn from (seed, index) when asked: no files.
+
+    Item -> (image float32 (3, S, S) in [-1, 1], label int (index into SHAPE_NAMES),
+    semantic map long (S, S): 0 background, 1 + label on the shape).
+    """
+
+    def __init__(self, num_items, image_size=32, seed=0):
+        if image_size < 8:
+            raise ValueError(f"ShapesDataset: image_size must be >= 8, got {image_size}")
+        if num_items < 1 or seed < 0:
+            raise ValueError(f"ShapesDataset: need num_items >= 1 and seed >= 0, got {num_items}, {seed}")
+        self.num_items, self.image_size, self.seed = num_items, image_size, seed
+        centres = np.arange(image_size) + 0.5
+        self.ys, self.xs = np.meshgrid(centres, centres, indexing="ij")
+        self.colours = _palette_tensor()
+
+    def __len__(self):
+        return self.num_items
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.num_items:
+            raise IndexError(f"index {index} out of range for {self.num_items} shapes")
+        # A private generator per item: the same (seed, index) gives the same image in any
+        # process, in any order, whatever else touched the global RNGs (DataLoader workers too).
+        rng = np.random.default_rng([self.seed, index])
+        label = int(rng.integers(NUM_SHAPE_CLASSES))
+        background = int(rng.integers(len(PALETTE)))
+        colour = (background + int(rng.integers(1, len(PALETTE)))) % len(PALETTE)  # never the background
+        s = self.image_size
+        size = s * rng.uniform(*SHAPE_SIZE_RANGE)
+        cx, cy = rng.uniform(size / 2, s - size / 2, size=2)  # keeps the whole shape inside
+        mask = torch.from_numpy(_shape_mask(label, cx, cy, size, self.xs, self.ys))
+        image = torch.where(mask, self.colours[colour][:, None, None], self.colours[background][:, None, None])
+        semantic = mask.long() * (1 + label)
+        return image.contiguous(), label, semantic
+
+
+# -----------------------------------------------------------------------------
+# a folder of images (--data=PATH)
+
+def _is_image_name(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _open_rgb(path, min_size=1):
+    """PIL image at `path` as RGB, fully decoded (so truncated files fail here, not later)."""
+    with Image.open(path) as img:
+        # JPEGs can decode at 1/2..1/8 scale for free; draft keeps both sides >= min_size.
+        img.draft(None, (min_size, min_size))
+        img.load()
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+            # Composite on white: plain convert("RGB") would show whatever colour hides under
+            # transparent pixels (often black).
+            rgba = img.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+        return img.convert("RGB")
+
+
+def list_image_files(root):
+    """Image files under `root` (recursively), sorted so every run sees the same order."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"error: --data={root}: no such folder ({DATA_HELP})")
+    files = []
+    for folder, _, names in os.walk(root):
+        files += [os.path.join(folder, n) for n in names if _is_image_name(n)]
+    return sorted(files)
+
+
+def find_images(root):
+    """-> (good_files, bad_files). Each file is decoded once: Image.verify() misses truncated
+    JPEG/BMP/GIF/TIFF files, and a bad file found mid-training would kill a long run."""
+    files = list_image_files(root)
+    good, bad = [], []
+    for path in files:
+        try:
+            _open_rgb(path)
+            good.append(path)
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+            warnings.warn(f"skipping {path}: cannot read it as an image ({type(e).__name__}: {e})")
+            bad.append(path)
+    if bad:
+        warnings.warn(f"skipped {len(bad)} of {len(files)} files that could not be read")
+    if not good:
+        raise SystemExit(f"error: --data={root}: no readable images found "
+                         f"(extensions {' '.join(IMAGE_EXTENSIONS)}; {DATA_HELP})")
+    return good, bad
+
+
+def _image_transform(image_size, train, flip=True):
+    # Short side -> image_size keeps the aspect ratio; the crop then makes it square.
+    # Random crop + flip multiply a small folder's variety; validation must be repeatable.
+    steps = [T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
+    if train:
+        steps += [T.RandomCrop(image_size)] + ([T.RandomHorizontalFlip()] if flip else [])
+    else:
+        steps += [T.CenterCrop(image_size)]
+    # PIL resizes in uint8, so no bicubic overshoot; ToTensor gives [0, 1], Normalize -> [-1, 1].
+    steps += [T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+    return T.Compose(steps)
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Item -> (image float32 (3, S, S) in [-1, 1], label -1: a folder has no labels).
+
+    RGBA and other transparent images are composited on white; grayscale and palette images
+    become RGB. Augmentation (train=True) uses the global torch RNG, like any torchvision
+    transform, so DataLoader workers each get their own random crops.
+    """
+
+    def __init__(self, files, image_size, train):
+        self.files, self.image_size, self.train = list(files), image_size, train
+        self.transform = _image_transform(image_size, train)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        return self.transform(_open_rgb(self.files[index], self.image_size)), -1
+
+
+# -----------------------------------------------------------------------------
+# torchvision datasets (--data=cifar10|mnist|celeba), downloaded to --data_root on first use
+
+# name -> (torchvision.datasets class name, train split, val split, where its files go under
+# data_root, whether a mirror image is still a valid sample). The class is looked up when used.
+TORCHVISION_DATA = {
+    "cifar10": ("CIFAR10", {"train": True}, {"train": False}, "cifar-10-batches-py", True),
+    "mnist": ("MNIST", {"train": True}, {"train": False}, "MNIST/raw", False),  # mirrored digits are not digits
+    "celeba": ("CelebA", {"split": "train"}, {"split": "valid"}, "celeba", True),
+}
+
+
+def _open_torchvision(name, data_root, split_kwargs):
+    cls, where = getattr(torchvision.datasets, TORCHVISION_DATA[name][0]), TORCHVISION_DATA[name][3]
+    kwargs = dict(split_kwargs, target_type=[]) if name == "celeba" else split_kwargs  # celeba: no class label
+    try:
+        return cls(data_root, download=False, **kwargs)  # already there: skip the download check
+    except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+        pass
+    try:
+        return cls(data_root, download=True, **kwargs)
+    except Exception as e:  # URLError, RuntimeError, missing gdown, disk full, ...
+        reason = " ".join(str(e).split())[:200] or type(e).__name__  # one line, however torchvision words it
+        raise SystemExit(
+            f"error: --data={name}: download to {os.path.join(data_root, where)} failed ({reason}) "
+            f"(connect to the internet once, or put the files there yourself, or use --data=shapes)")
+
+
+class TorchvisionImages(torch.utils.data.Dataset):
+    """Wraps a torchvision dataset: item -> (image float32 (3, S, S) in [-1, 1], label int or -1)."""
+
+    def __init__(self, name, image_size, train, data_root="data"):
+        split = TORCHVISION_DATA[name][1 if train else 2]
+        self.base = _open_torchvision(name, data_root, split)
+        self.transform = _image_transform(image_size, train, flip=TORCHVISION_DATA[name][4])
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        img, label = self.base[index]
+        label = label if isinstance(label, int) else -1  # celeba gives None (no class)
+        return self.transform(img.convert("RGB")), label  # convert: MNIST is 1-channel
+
+
+# -----------------------------------------------------------------------------
+
+def _check_data_args(image_size, val_fraction):
+    if not isinstance(image_size, int) or image_size < 8:
+        raise SystemExit(f"error: --image_size={image_size}: must be an integer >= 8 (e.g. --image_size=32)")
+    if not 0 < val_fraction < 1:
+        raise SystemExit(f"error: --val_fraction={val_fraction}: must be between 0 and 1 (e.g. --val_fraction=0.05)")
+
+
+def split_files(files, val_fraction, seed):
+    """Seeded shuffle -> (train_files, val_files), at least one of each."""
+    if len(files) < 2:
+        raise SystemExit(f"error: found only {len(files)} readable image(s) (need at least 2: one to train, one to validate)")
+    shuffled = list(files)
+    random.Random(seed).shuffle(shuffled)
+    n_val = min(len(files) - 1, max(1, round(len(files) * val_fraction)))
+    return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
+
+
+def make_datasets(data, image_size, val_fraction=0.05, seed=0, data_root="data",
+                  num_shapes=50_000, num_val_shapes=512):
+    """--data=shapes | cifar10 | mnist | celeba | PATH -> (train_ds, val_ds)."""
+    _check_data_args(image_size, val_fraction)
+    if data == "shapes":
+        # Shapes cost nothing to store, so the training set can be large. The validation seed is
+        # far from the training one, so no run's validation set is another nearby seed's train set.
+        return (ShapesDataset(num_shapes, image_size, seed),
+                ShapesDataset(num_val_shapes, image_size, seed + 1_000_003))
+    if data in TORCHVISION_DATA:
+        return (TorchvisionImages(data, image_size, True, data_root),
+                TorchvisionImages(data, image_size, False, data_root))
+    root = os.path.expanduser(data)
+    good, _ = find_images(root)
+    train_files, val_files = split_files(good, val_fraction, seed)
+    return ImageFileDataset(train_files, image_size, True), ImageFileDataset(val_files, image_size, False)
+
+
+def save_image_grid(images, path, nrow=8, padding=2):
+    """images float (N, 3, H, W) in [-1, 1] -> PNG grid at `path`; returns `path`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    images = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    # grey padding: black would merge with black tiles
+    torchvision.utils.save_image(images, path, nrow=nrow, padding=padding, pad_value=0.5)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def psnr(x, x_hat):
+    """Per-image PSNR in dB of images in [-1, 1], measured on the [0, 1] scale (peak 1)."""
+    mse = ((x - x_hat).clamp(-2, 2) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def step_batches(dataset, batch_size, seed, start_step, num_workers):
+    """Batches for steps start_step, start_step+1, ... in an order fixed by (seed, epoch).
+
+    Because the order depends only on the step number, --resume sees exactly the batches the
+    interrupted run would have seen, without storing any sampler state.
+    """
+    n = len(dataset)
+    if n < batch_size:
+        raise SystemExit(f"error: the training set has {n} images, fewer than --batch_size={batch_size}")
+    per_epoch = n // batch_size
+
+    def indices():
+        step = start_step
+        while True:
+            epoch, k = divmod(step, per_epoch)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+            yield from order[k * batch_size:(k + 1) * batch_size].tolist()
+            step += 1
+
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices(),
+                                            num_workers=num_workers, drop_last=True))
+
+
+def build_lpips(config, device):
+    from lpips_lite import LPIPS, LPIPSWeightsUnavailable
+    try:
+        return LPIPS(pretrained=config["lpips_pretrained"], lin_weights=config["lpips_weights"] or None).to(device)
+    except (LPIPSWeightsUnavailable, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def generator_step(model, disc, lpips, x, step, config):
+    """Eq. (6) for E, G and the codebook. Returns the reconstruction and the logged numbers."""
+    x_hat, indices, q_loss = model(x)
+    # L_rec: per-pixel L1, plus LPIPS per image broadcast over its pixels (the official nll).
+    rec = (x - x_hat).abs()
+    if lpips is not None and config["perceptual_weight"] > 0:
+        rec = rec + config["perceptual_weight"] * lpips(x, x_hat).view(-1, 1, 1, 1)
+    rec_loss = rec.mean()
+    loss = rec_loss + q_loss  # Eq. (4): L_rec + codebook term + beta * commitment term
+    lam = torch.zeros(())
+    if step >= config["disc_start"]:
+        # D scores the reconstruction; D's own weights are frozen here, so this step moves G only.
+        g_loss = hinge_g_loss(disc(x_hat))
+        # Eq. (7); under autocast the two gradients come from the same fp32 master weights.
+        lam = adaptive_weight(rec_loss, g_loss, model.last_layer) * config["disc_weight"]
+        loss = loss + lam * g_loss  # Eq. (6): L_VQ + lambda * L_GAN
+    return loss, x_hat, indices, dict(rec=rec_loss.item(), q=q_loss.item(), lam=lam.item())
+
+
+def discriminator_step(disc, x, x_hat):
+    # Eq. (5) for D on the *detached* reconstruction: the D step never reaches the generator.
+    # Real and fake go through D separately, as officially, so BatchNorm sees one kind at a time.
+    return hinge_d_loss(disc(x), disc(x_hat.detach()))
+
+
+def train_step(model, disc, lpips, opt_g, opt_d, scaler, x, step, config, device, dtype):
+    """One generator step, then (from disc_start on) one discriminator step on the same x_hat."""
+    disc.requires_grad_(False)  # the generator step must not leave gradients in D
+    with autocast(device, dtype):
+        loss, x_hat, indices, logs = generator_step(model, disc, lpips, x, step, config)
+    opt_g.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt_g)
+    scaler.update()
+
+    logs["d"] = 0.0
+    if step >= config["disc_start"]:  # before disc_start D costs nothing: no forward, no backward
+        disc.requires_grad_(True)
+        with autocast(device, dtype):
+            d_loss = discriminator_step(disc, x, x_hat)
+        opt_d.zero_grad(set_to_none=True)
+        scaler.scale(d_loss).backward()
+        scaler.step(opt_d)
+        scaler.update()
+        logs["d"] = d_loss.item()
+    return logs, indices
+
+
+
+@torch.no_grad()
+def evaluate(model, lpips, val_set, config, device, dtype):
+    model.eval()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(min(len(val_set), config["eval_images"]))),
+                                         batch_size=config["batch_size"], num_workers=config["num_workers"])
+    l1, ps, lp, all_indices, first = [], [], [], [], None
+    for batch in loader:
+        x = batch[0].to(device)
+        with autocast(device, dtype):
+            x_hat, indices, _ = model(x)
+        x_hat = x_hat.float()
+        l1.append((x - x_hat).abs().flatten(1).mean(1))
+        ps.append(psnr(x, x_hat))
+        if lpips is not None:
+            lp.append(lpips(x, x_hat).float())
+        all_indices.append(indices.flatten())
+        first = first if first is not None else (x[:8].cpu(), x_hat[:8].cpu())
+    model.train()
+    usage, perplexity = codebook_usage(torch.cat(all_indices), model.n_codes)
+    metrics = dict(val_l1=torch.cat(l1).mean().item(), val_psnr=torch.cat(ps).mean().item(),
+                   val_lpips=torch.cat(lp).mean().item() if lp else float("nan"),
+                   val_usage=usage, val_perplexity=perplexity)
+    return metrics, first
+
+
+def append_log(path, row):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def resolve_config(overrides):
+    """Defaults <- preset <- (checkpoint config when resuming) <- command-line flags."""
+    config = dict(CONFIG)
+    preset = overrides.get("preset", "")
+    if preset not in ("", "paper"):
+        raise SystemExit(f"error: --preset={preset} is unknown (the only preset is 'paper')")
+    if preset == "paper":
+        config.update({k: tuple(v) if isinstance(v, list) else v for k, v in PAPER_PRESET.items() if k in config})
+    if overrides.get("resume", False):
+        ckpt_path = os.path.join(overrides.get("out_dir", config["out_dir"]), "ckpt.pt")
+        saved = load_checkpoint(ckpt_path, "vqgan")["config"]
+        changed = [k for k in MODEL_KEYS if k in overrides and overrides[k] != saved[k]]
+        if changed:
+            raise SystemExit(f"error: --resume with a different {', '.join(changed)} than the checkpoint "
+                             f"(drop those flags, or train a new model with another --out_dir)")
+        config.update(saved)
+    config.update(overrides)
+    if preset == "paper" and "lr" not in overrides and not overrides.get("resume", False):
+        config["lr"] = 4.5e-6 * config["batch_size"]  # the paper's lr scaling rule
+    check_config(config)
+    return config
+
+
+def check_config(c):
+    f = 2 ** (len(c["ch_mult"]) - 1)
+    positive = ["image_size", "ch", "num_res_blocks", "z_channels", "embed_dim", "batch_size", "max_steps",
+                "eval_interval", "eval_images", "disc_ndf", "disc_layers"]
+    for k in positive:
+        if c[k] <= 0:
+            raise SystemExit(f"error: --{k}={c[k]} must be positive")
+    if c["n_codes"] < 2:
+        raise SystemExit(f"error: --n_codes={c['n_codes']} must be at least 2")
+    if not c["ch_mult"]:
+        raise SystemExit("error: --ch_mult needs at least one level, e.g. --ch_mult=1,2,2")
+    if c["image_size"] % f:
+        raise SystemExit(f"error: --image_size={c['image_size']} is not a multiple of the downsampling factor "
+                         f"f={f} (from --ch_mult); use a multiple of {f}")
+    if c["image_size"] < 3 * 2 ** c["disc_layers"]:
+        raise SystemExit(f"error: --image_size={c['image_size']} is too small for a discriminator with "
+                         f"--disc_layers={c['disc_layers']} (needs >= {3 * 2 ** c['disc_layers']}; lower --disc_layers)")
+    if c["lr"] <= 0 or c["beta"] < 0 or c["perceptual_weight"] < 0 or c["disc_weight"] < 0:
+        raise SystemExit("error: --lr must be positive and --beta, --perceptual_weight, --disc_weight non-negative")
+    if not 0 < c["val_fraction"] < 1:
+        raise SystemExit(f"error: --val_fraction={c['val_fraction']} must be between 0 and 1")
+
+
+def model_kwargs(config):
+    return dict(ch=config["ch"], ch_mult=config["ch_mult"], num_res_blocks=config["num_res_blocks"],
+                attn_resolutions=config["attn_resolutions"], resolution=config["image_size"],
+                z_channels=config["z_channels"], embed_dim=config["embed_dim"], n_codes=config["n_codes"],
+                beta=config["beta"])
+
+
+def train(config):
+    device = pick_device(config["device"])
+    dtype = pick_dtype(config["dtype"], device)
+    torch.manual_seed(config["seed"])
+    train_set, val_set = make_datasets(config["data"], config["image_size"], config["val_fraction"],
+                                       config["seed"], data_root=config["data_root"])
+
+    model = VQGAN(**model_kwargs(config)).to(device)
+    disc = Discriminator(ndf=config["disc_ndf"], n_layers=config["disc_layers"]).to(device)
+    lpips = build_lpips(config, device) if config["perceptual_weight"] > 0 else None
+    # Two Adam optimisers with betas (0.5, 0.9), no weight decay, no schedule (official).
+    opt_g = torch.optim.Adam(model.parameters(), lr=config["lr"], betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=config["lr"], betas=(0.5, 0.9))
+    # fp16 needs loss scaling (its small exponent range underflows gradients); bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    out_dir = config["out_dir"]
+    ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.csv")
+    step = 0
+    if config["resume"]:
+        ckpt = load_checkpoint(ckpt_path, "vqgan")
+        model.load_state_dict(ckpt["model"])
+        disc.load_state_dict(ckpt["disc"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"])
+        print(f"resuming from {ckpt_path} at step {step}")
+    os.makedirs(out_dir, exist_ok=True)
+
+    def save():
+        save_checkpoint(dict(kind="vqgan", model=model.state_dict(), model_config=model.config,
+                             disc=disc.state_dict(), disc_config=disc.config, opt_g=opt_g.state_dict(),
+                             opt_d=opt_d.state_dict(), step=step, config=config_for_checkpoint(config),
+                             rng=torch.get_rng_state()), ckpt_path)
+
+    batches = step_batches(train_set, config["batch_size"], config["seed"], step, config["num_workers"])
+    bar = tqdm(total=config["max_steps"], initial=step, desc="vqgan", dynamic_ncols=True)
+    model.train()
+    disc.train()
+    started = time.time()
+    while step < config["max_steps"]:
+        x = next(batches)[0].to(device)
+        logs, indices = train_step(model, disc, lpips, opt_g, opt_d, scaler, x, step, config, device, dtype)
+        step += 1
+        usage, _ = codebook_usage(indices, model.n_codes)
+        bar.update(1)
+        bar.set_postfix(rec=f"{logs['rec']:.3f}", q=f"{logs['q']:.3f}", d=f"{logs['d']:.3f}",
+                        lam=f"{logs['lam']:.2f}", codes=f"{usage:.0%}")
+
+        if step % config["eval_interval"] == 0 or step == config["max_steps"]:
+            metrics, (x0, x0_hat) = evaluate(model, lpips, val_set, config, device, dtype)
+            grid = save_image_grid(torch.cat([x0, x0_hat]), os.path.join(out_dir, f"recon_{step:06d}.png"), len(x0))
+            append_log(log_path, dict(step=step, time=round(time.time() - started, 1), **logs, **metrics))
+            save()
+            tqdm.write(f"step {step}: val L1 {metrics['val_l1']:.4f}, PSNR {metrics['val_psnr']:.2f} dB, "
+                       f"LPIPS {metrics['val_lpips']:.4f}, codes used {metrics['val_usage']:.1%}, "
+                       f"perplexity {metrics['val_perplexity']:.1f}; wrote {grid} and {ckpt_path}")
+    bar.close()
+    return model
+
+
+def config_for_checkpoint(config):
+    # Tuples become lists: checkpoints hold plain values that weights_only=True accepts.
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
+def main(argv):
+    overrides = parse_overrides(CONFIG, argv, __file__)
+    config = resolve_config(overrides)
+    config = {k: tuple(v) if isinstance(CONFIG[k], tuple) else v for k, v in config.items()}
+    train(config)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

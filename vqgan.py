@@ -1,0 +1,374 @@
+"""
+Stage 1 of Taming Transformers (Esser, Rombach, Ommer, CVPR 2021), Sec. 3.1: the VQGAN.
+
+    image x --Encoder E--> z_hat --quant_conv--> nearest code (Eq. 2) --post_quant_conv--> Decoder G --> x_hat
+
+Read this file beside Sec. 3.1 of the paper. Every equation has one home here, named in a
+comment you can grep for (`Eq. (2)`, `Eq. (4)`, `Eq. (5)`, `Eq. (7)`); each lives in a small
+function of its own so it can be read, tested and (for coursework) rewritten in isolation.
+
+The module names (encoder.down.0.block.1.conv2, quantize.embedding, ...) are the official
+implementation's (CompVis/taming-transformers), on purpose: the paper's pretrained checkpoints
+then load without renaming anything.
+
+Images are float tensors (B, 3, H, W) scaled to [-1, 1].
+"""
+
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The paper's configuration (every official VQGAN config: f16, K=1024, 256x256). It builds the
+# same 72.1M-parameter autoencoder as the official code (discriminator and LPIPS not counted).
+PAPER_CONFIG = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                    resolution=256, z_channels=256, embed_dim=256, n_codes=1024)
+
+# -----------------------------------------------------------------------------
+# Building blocks (the official architecture, layer for layer)
+
+
+def Normalize(channels):
+    # GroupNorm(32, eps=1e-6) as in the paper's code. Small models here have channel counts like
+    # 16 or 48 that 32 groups do not divide, so we take the largest group count <= 32 that does;
+    # at the paper's widths (128, 256, 512) that is always 32, so the paper model is exact.
+    groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+
+
+def swish(x):
+    return x * torch.sigmoid(x)  # a.k.a. SiLU
+
+
+class ResnetBlock(nn.Module):
+    # norm -> swish -> conv3x3, twice, plus a 1x1 shortcut when the width changes. (The official
+    # block also has dropout; every official config sets it to 0, so it is left out.)
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = Normalize(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    # Single-head self-attention over the h*w positions of a feature map, with 1x1 convs as the
+    # query/key/value/output projections. It gives the decoder a global view at low resolution.
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        # (B, C, H, W) -> (B, 1 head, H*W positions, C)
+        q, k, v = (t(h).reshape(B, 1, C, H * W).transpose(2, 3) for t in (self.q, self.k, self.v))
+        # softmax(q k^T / sqrt(C)) v, computed by the fused kernel (no H*W x H*W matrix kept
+        # around for backward on GPUs that have a memory-efficient kernel).
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = h.transpose(2, 3).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    # Stride-2 conv with the official asymmetric padding: pad one pixel on the right and bottom
+    # only, then convolve without padding. (Symmetric padding would shift the grid by half a pixel
+    # relative to the pretrained weights.)
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+
+
+class Upsample(nn.Module):
+    # Nearest-neighbour x2 then a 3x3 conv: no checkerboard artefacts from transposed convs.
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Encoder(nn.Module):
+    # E in the paper: x (B, 3, H, W) -> z_hat (B, z_channels, H/f, W/f), f = 2^(len(ch_mult)-1).
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, in_channels=3):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        block_in, res = ch, resolution
+        for level, mult in enumerate(ch_mult):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks):
+                stage.block.append(ResnetBlock(block_in, ch * mult))
+                block_in = ch * mult
+                if res in attn_resolutions:
+                    stage.attn.append(AttnBlock(block_in))
+            if level != len(ch_mult) - 1:
+                stage.downsample = Downsample(block_in)
+                res //= 2
+            self.down.append(stage)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in)
+        self.mid.attn_1 = AttnBlock(block_in)
+        self.mid.block_2 = ResnetBlock(block_in, block_in)
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for stage in self.down:
+            for i, block in enumerate(stage.block):
+                h = block(h)
+                if len(stage.attn) > 0:
+                    h = stage.attn[i](h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    # G in the paper: z_q (B, z_channels, h, w) -> x_hat (B, 3, h*f, w*f). The mirror of the
+    # encoder with one extra ResnetBlock per level. No tanh at the end, as in the official code.
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, out_channels=3):
+        super().__init__()
+        block_in = ch * ch_mult[-1]
+        res = resolution // 2 ** (len(ch_mult) - 1)
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in)
+        self.mid.attn_1 = AttnBlock(block_in)
+        self.mid.block_2 = ResnetBlock(block_in, block_in)
+        stages = []
+        for level in reversed(range(len(ch_mult))):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                stage.block.append(ResnetBlock(block_in, ch * ch_mult[level]))
+                block_in = ch * ch_mult[level]
+                if res in attn_resolutions:
+                    stage.attn.append(AttnBlock(block_in))
+            if level != 0:
+                stage.upsample = Upsample(block_in)
+                res *= 2
+            stages.insert(0, stage)  # index by level, so the keys match the official `up.{level}`
+        self.up = nn.ModuleList(stages)
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for stage in reversed(self.up):
+            for i, block in enumerate(stage.block):
+                h = block(h)
+                if len(stage.attn) > 0:
+                    h = stage.attn[i](h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+# -----------------------------------------------------------------------------
+# Vector quantization: Eq. (2), the straight-through estimator, and the two terms of Eq. (4)
+
+
+def nearest_code(z, codebook):
+    """Eq. (2): q(z_hat)_ij = argmin_k || z_hat_ij - z_k ||, for rows z (N, n_z), codebook (K, n_z).
+
+    ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, so all N x K distances come from one matmul; the
+    naive (z[:, None] - e[None]).pow(2).sum(-1) would build an N x K x n_z tensor (gigabytes at
+    the paper's sizes). ||z||^2 is the same for every k and could be dropped from the argmin;
+    it is kept so that `d` is the true squared distance.
+    """
+    d = z.pow(2).sum(1, keepdim=True) - 2 * z @ codebook.t() + codebook.pow(2).sum(1)
+    return d.argmin(dim=1)
+
+
+def straight_through(z_e, z_q):
+    # argmin has no gradient. Forward: the value is z_q. Backward: d/dz_e of (z_e + const) = 1,
+    # so the decoder's gradient at z_q is copied unchanged onto the encoder output z_e.
+    return z_e + (z_q - z_e).detach()
+
+
+def codebook_loss(z_e, z_q):
+    # Eq. (4), second term: || sg[E(x)] - z_q ||^2. Only the codes move (toward the encoder
+    # outputs that chose them). Mean over all elements, as the official code does.
+    return F.mse_loss(z_q, z_e.detach())
+
+
+def commitment_loss(z_e, z_q, beta):
+    # Eq. (4), third term: beta * || sg[z_q] - E(x) ||^2. Only the encoder moves: it is asked to
+    # commit to the code it picked instead of drifting away from the codebook.
+    #
+    # Errata. (1) The seed summary prints this term as || sg[E(x)] - z_q ||^2, identical to the
+    # codebook term: a typo. (2) The official VectorQuantizer2(legacy=True), which the official
+    # VQModel always uses, puts beta on the *codebook* term instead:
+    #     mean((sg[z_q] - z)^2) + beta * mean((z_q - sg[z])^2)
+    # (their README calls it a bug, issues #46 and #57). Here beta weights the commitment term,
+    # as in VQ-VAE and the paper. With beta = 1 the two placements coincide.
+    return beta * F.mse_loss(z_e, z_q.detach())
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, n_codes, code_dim, beta=0.25):
+        super().__init__()
+        self.n_codes, self.beta = n_codes, beta
+        self.embedding = nn.Embedding(n_codes, code_dim)
+        self.embedding.weight.data.uniform_(-1.0 / n_codes, 1.0 / n_codes)  # official init
+
+    def forward(self, z_e):
+        """z_e (B, C, h, w) -> z_q with straight-through gradient, indices (B, h, w), VQ loss."""
+        B, C, h, w = z_e.shape
+        # Distances and losses in fp32 even under autocast: in bf16 two codes a little apart
+        # round to the same distance and the argmin picks arbitrarily between them.
+        z_e = z_e.float()
+        codebook = self.embedding.weight.float()
+        flat = z_e.permute(0, 2, 3, 1).reshape(-1, C)
+        indices = nearest_code(flat, codebook)
+        z_q = codebook[indices].view(B, h, w, C).permute(0, 3, 1, 2)
+        loss = codebook_loss(z_e, z_q) + commitment_loss(z_e, z_q, self.beta)
+        return straight_through(z_e, z_q), indices.view(B, h, w), loss
+
+    def lookup(self, indices):
+        # indices (B, h, w) -> z_q (B, C, h, w): decoding a GPT's token grid.
+        return self.embedding(indices).permute(0, 3, 1, 2)
+
+
+def codebook_usage(indices, n_codes):
+    """Fraction of the K codes used in `indices`, and the perplexity exp(H(p)) of their histogram.
+
+    Perplexity is the number of equally-used codes that would give the same entropy: K when
+    every code is used equally, 1 when everything collapses onto one code.
+    """
+    counts = torch.bincount(indices.flatten(), minlength=n_codes).double()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return (counts > 0).double().mean().item(), entropy.exp().item()
+
+
+# -----------------------------------------------------------------------------
+# The VQGAN autoencoder
+
+
+class VQGAN(nn.Module):
+    def __init__(self, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=32,
+                 z_channels=64, embed_dim=64, n_codes=256, beta=0.25, in_channels=3, out_channels=3):
+        super().__init__()
+        # Plain values only: this dict goes into checkpoints, which hold no Python objects.
+        self.config = dict(ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
+                           attn_resolutions=list(attn_resolutions), resolution=resolution,
+                           z_channels=z_channels, embed_dim=embed_dim, n_codes=n_codes, beta=beta,
+                           in_channels=in_channels, out_channels=out_channels)
+        self.n_codes = n_codes
+        self.downsample_factor = 2 ** (len(ch_mult) - 1)  # f in the paper
+        self.encoder = Encoder(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, in_channels)
+        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
+        self.quantize = VectorQuantizer(n_codes, embed_dim, beta)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        self.decoder = Decoder(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, out_channels)
+
+    def encode(self, x):
+        """x (B, 3, H, W) -> z_q (B, embed_dim, H/f, W/f), indices (B, H/f, W/f), VQ loss (Eq. 4)."""
+        return self.quantize(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z_q):
+        # Eq. (3): x_hat = G(z_q)
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def decode_indices(self, indices):
+        """A grid of code indices (B, h, w), e.g. written by the GPT, -> image (B, 3, h*f, w*f)."""
+        return self.decode(self.quantize.lookup(indices))
+
+    def forward(self, x):
+        z_q, indices, q_loss = self.encode(x)
+        return self.decode(z_q), indices, q_loss
+
+    @property
+    def last_layer(self):
+        # G_L of Eq. (7): the adaptive weight compares gradients at this tensor.
+        return self.decoder.conv_out.weight
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# -----------------------------------------------------------------------------
+# The patch discriminator and the adversarial part of the objective
+
+
+class Discriminator(nn.Module):
+    """PatchGAN (pix2pix's NLayerDiscriminator): one real/fake logit per overlapping patch.
+
+    A 32x32 input gives a 2x2 grid of logits, a 256x256 one a 30x30 grid; each logit sees a
+    70x70 receptive field, so D judges local texture and leaves global layout to L_rec.
+    Layer indices inside `main` match the official keys (main.0, main.2, main.3, ...).
+    """
+
+    def __init__(self, in_channels=3, ndf=64, n_layers=3):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1  # the last block keeps the resolution
+            # No conv bias before BatchNorm: BN's own shift makes it redundant.
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=False),
+                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))
+        self.main = nn.Sequential(*layers)
+        self.config = dict(in_channels=in_channels, ndf=ndf, n_layers=n_layers)
+        for m in self.modules():  # the official (DCGAN) init
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.main(x)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    # Eq. (5) in its hinge form, the discriminator's side. The paper writes the GAN loss as
+    # log D(x) + log(1 - D(x_hat)); the official code (and we) use the hinge version
+    #     L_D = 0.5 * ( mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat))) )
+    # because it saturates: logits already beyond the margin (D confident and right) give zero
+    # loss and zero gradient, so D stops pushing and is less likely to overpower G.
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def hinge_g_loss(logits_fake):
+    # Eq. (5), the generator's side: L_GAN(G) = -mean(D(x_hat)), make D score fakes as real.
+    return -logits_fake.mean()
+
+
+def adaptive_weight(rec_loss, g_loss, last_layer, delta=1e-6, max_weight=1e4):
+    """Eq. (7): lambda = || grad_{G_L} L_rec || / ( || grad_{G_L} L_GAN || + delta ).
+
+    The GAN gradient is rescaled to the size of the reconstruction gradient at the decoder's
+    last layer G_L, so neither term drowns the other whatever their raw scales. The paper uses
+    delta = 1e-6 (the official code 1e-4). Clamped to [0, 1e4] and detached, as officially:
+    lambda is a weight, not something to optimise. The caller multiplies by disc_weight.
+    """
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = rec_grad.norm() / (gan_grad.norm() + delta)
+    return weight.clamp(0.0, max_weight).detach()
