@@ -174,15 +174,15 @@ class GPT(nn.Module):
         every token (O(n^2), the official `sample`); kept as the reference."""
         if idx.size(1) < 1 or idx.size(1) + n_new - 1 > self.block_size:
             raise ValueError(f"prefix of {idx.size(1)} + {n_new} new tokens does not fit block_size {self.block_size}")
-        cache = self.new_kv_cache(idx.size(0)) if use_cache else None
-        seq, logits = idx, self(idx, cache)[:, -1]
-        for step in range(n_new):
-            tok = sample_logits(logits, temperature, top_k, top_p, greedy, generator)
-            seq = torch.cat([seq, tok[:, None]], dim=1)
-            if step == n_new - 1:
-                break  # the last token is never fed back
-            logits = (self(tok[:, None], cache) if use_cache else self(seq))[:, -1]
-        return seq[:, idx.size(1):]
+        B, T0 = idx.shape
+        seq = torch.cat([idx, idx.new_zeros(B, n_new)], dim=1)  # filled in as we go
+        cache = self.new_kv_cache(B) if use_cache else None
+        logits = self(idx, cache)[:, -1]
+        for t in range(T0, T0 + n_new):
+            seq[:, t] = sample_logits(logits, temperature, top_k, top_p, greedy, generator)
+            if t + 1 < T0 + n_new:  # the last token is never fed back
+                logits = (self(seq[:, t:t + 1], cache) if use_cache else self(seq[:, :t + 1]))[:, -1]
+        return seq[:, T0:]
 
 
 # -----------------------------------------------------------------------------------------
@@ -191,6 +191,8 @@ class GPT(nn.Module):
 
 def cond_tokens(model, labels, batch_size, device):
     """(B, 1) conditioning ids: K (start token) when labels is None, else K + label."""
+    # Eq. (10): p(s | c) = prod_i p(s_i | s_<i, c): c is simply the first token of the
+    # sequence, so every image token attends to it. Unconditional = a fixed start token.
     K = model.n_codes
     if labels is None:
         if model.n_cond_tokens > 1:
@@ -208,10 +210,13 @@ def cond_tokens(model, labels, batch_size, device):
 
 def gpt_loss(logits, seq, n_cond):
     """seq = [cond tokens (n_cond), image tokens (h*w)], logits = model(seq[:, :-1]).
-    Eq. (8): p(s | c) = prod_i p(s_i | s_<i, c), so -log p(s | c) = sum_i CE(s_i);
-    Eq. (9): L = E[-log p(s)], taken as the mean over image tokens and batch.
     logits[:, t] predicts seq[:, t + 1]; the first image token is predicted at position
-    n_cond - 1 (the last conditioning position). Conditioning tokens are never targets."""
+    n_cond - 1 (the last conditioning position). Conditioning tokens are never targets.
+    With pkeep, feed the corrupted sequence to the model but pass the true one here."""
+    # Eq. (8): p(s) = prod_i p(s_i | s_<i)   (with a condition, Eq. (10): p(s_i | s_<i, c)),
+    #          so -log p(s) = sum_i -log p(s_i | s_<i) = sum of per-token cross-entropies.
+    # Eq. (9): L_Transformer = E_x[-log p(s)], taken as the mean over image tokens and batch
+    #          (the mean, not the sum, so the loss scale does not depend on h*w).
     if logits.size(1) != seq.size(1) - 1:
         raise ValueError(f"logits cover {logits.size(1)} positions, expected len(seq) - 1 = {seq.size(1) - 1}")
     pred = logits[:, n_cond - 1:]

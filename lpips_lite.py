@@ -94,8 +94,8 @@ class VGG16Features(nn.Module):
 
 class NetLin(nn.Module):
     """A non-negative 1x1 conv from C channels to 1, no bias. Why the nn.Identity at index 0: the
-    original keeps a dropout slot there, so its weight lives at 'model.1.weight'; we keep that key
-    (no dropout at all: this module is never trained here)."""
+    original (with its dropout option on, as taming uses it) has an nn.Dropout there, so the weight
+    lives at 'model.1.weight'; we keep that key but no dropout (this module is never trained here)."""
 
     def __init__(self, channels):
         super().__init__()
@@ -119,7 +119,7 @@ def normalize_channels(x, eps=1e-10):
 
 def find_lpips_package_weights():
     """Path to vgg.pth inside an installed `lpips` package, or None. find_spec locates a top-level
-    package without importing it (importing lpips would pull in its own VGG download)."""
+    package without importing it: we only want one file, not to run lpips's code and imports."""
     spec = importlib.util.find_spec("lpips")
     folders = (spec.submodule_search_locations or []) if spec is not None else []
     for folder in folders:

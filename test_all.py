@@ -5,15 +5,25 @@ of the scripts, and their clear errors. Run: python -m pytest -q test_all.py  (m
 
 import copy
 import os
+import socket
 import time
+import urllib.error
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+import lpips_lite
+import sample
+import train_gpt
 import train_vqgan
+from gpt import (GPT, KVCache, cond_tokens, corrupt_tokens, gpt_loss, sample_logits, sample_sliding_window,
+                 top_k_filter, top_p_filter, window_start)
+from lpips_lite import LPIPS, LPIPSWeightsUnavailable
 from train_vqgan import (PALETTE, SHAPE_NAMES, ImageFileDataset, ShapesDataset, TorchvisionImages,
                          discriminator_step, find_images, make_datasets, save_image_grid, split_files)
 from vqgan import (PAPER_CONFIG, VQGAN, Discriminator, VectorQuantizer, adaptive_weight, codebook_loss,
@@ -543,3 +553,351 @@ def test_save_image_grid_writes_png_of_expected_size(tmp_path):
         pixels = np.asarray(img.convert("RGB"))
     assert (pixels[2 + 3, 2 + 3] == 0).all()              # first tile: -1 -> black
     assert (pixels[2 + 10 + 3, 2 + 10 + 3] == 255).all()  # image 5 (row 1, col 1): +1 -> white
+
+
+# The official taming VQGAN checkpoint's `loss.perceptual_loss.*` keys with that prefix removed.
+OFFICIAL_LPIPS_KEYS = {
+    "scaling_layer.shift", "scaling_layer.scale",
+    *(f"net.slice1.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")),
+    *(f"net.slice2.{i}.{p}" for i in (5, 7) for p in ("weight", "bias")),
+    *(f"net.slice3.{i}.{p}" for i in (10, 12, 14) for p in ("weight", "bias")),
+    *(f"net.slice4.{i}.{p}" for i in (17, 19, 21) for p in ("weight", "bias")),
+    *(f"net.slice5.{i}.{p}" for i in (24, 26, 28) for p in ("weight", "bias")),
+    *(f"lin{k}.model.1.weight" for k in range(5)),
+}
+LIN_CHANNELS = (64, 128, 256, 512, 512)
+
+
+def _images(n=4, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # smooth-ish images: a blurred random field, more image-like than white noise
+    x = torch.rand(n, 3, size // 4, size // 4, generator=g) * 2 - 1
+    return nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def _lin_file(tmp_path, name="vgg.pth", **overrides):
+    g = torch.Generator().manual_seed(1)
+    sd = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for k, c in enumerate(LIN_CHANNELS)}
+    sd.update(overrides)
+    sd = {k: v for k, v in sd.items() if v is not None}
+    path = tmp_path / name
+    torch.save(sd, path)
+    return path
+
+
+def test_lpips_state_dict_keys_match_official_checkpoint():
+    torch.manual_seed(0)
+    sd = LPIPS(pretrained=False).state_dict()
+    assert set(sd) == OFFICIAL_LPIPS_KEYS
+    assert sd["scaling_layer.shift"].shape == (1, 3, 1, 1)
+    assert sd["net.slice5.28.weight"].shape == (512, 512, 3, 3)
+    for k, c in enumerate(LIN_CHANNELS):
+        assert sd[f"lin{k}.model.1.weight"].shape == (1, c, 1, 1)
+
+
+def test_lpips_backbone_matches_torchvision_vgg16_layout():
+    # same layer types and conv shapes at the same indices as torchvision's vgg16().features[:30]
+    with torch.device("meta"):  # structure only: no memory, no init time
+        tv = torchvision.models.vgg16().features
+    net = LPIPS(pretrained=False).net
+    ours = {name: m for k in range(1, 6) for name, m in getattr(net, f"slice{k}").named_children()}
+    assert sorted(ours, key=int) == [str(i) for i in range(30)]
+    for i in range(30):
+        assert type(ours[str(i)]) is type(tv[i])
+        if isinstance(tv[i], nn.Conv2d):
+            assert ours[str(i)].weight.shape == tv[i].weight.shape
+
+
+def test_lpips_zero_symmetric_positive():
+    torch.manual_seed(0)
+    model = LPIPS(pretrained=False)
+    x, y = _images(seed=0), _images(seed=1)
+    assert torch.equal(model(x, x), torch.zeros(4))
+    d_xy, d_yx = model(x, y), model(y, x)
+    assert d_xy.shape == (4,)
+    torch.testing.assert_close(d_xy, d_yx)
+    assert (d_xy > 0).all()
+
+
+def test_lpips_grows_with_perturbation():
+    torch.manual_seed(0)
+    model = LPIPS(pretrained=False)
+    x = _images(n=8)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    small = model(x, (x + 0.05 * noise).clamp(-1, 1)).mean()
+    big = model(x, (x + 0.5 * noise).clamp(-1, 1)).mean()
+    assert 0 < small < big
+
+
+def test_lpips_hand_checked_value_with_stub_features():
+    # Replace VGG with a stub whose features are one-hot along channels, with arbitrary magnitude:
+    # channel 0 where the (scaled) first pixel is > 0, else channel 1. Unit-normalising removes the
+    # magnitude, so two images on different sides give (1-0)^2 + (0-1)^2 on channels 0 and 1 at every
+    # position: each layer contributes w0 + w1, and the total is the sum over 5 layers.
+    class OneHotNet(nn.Module):
+        def forward(self, x):
+            side = (x[:, 0, 0, 0] > 0).long()  # (N,)
+            mag = x[:, 0, 0, 0].abs() * 7 + 0.5
+            feats = []
+            for c in LIN_CHANNELS:
+                f = torch.zeros(x.shape[0], c, 2, 2)
+                f[torch.arange(x.shape[0]), side] = mag[:, None, None]
+                feats.append(f)
+            return feats
+
+    torch.manual_seed(0)
+    model = LPIPS(pretrained=False)
+    model.net = OneHotNet()
+    x = torch.full((2, 3, 16, 16), 0.9)
+    y = torch.full((2, 3, 16, 16), -0.4)
+    torch.testing.assert_close(model(x, y), torch.full((2,), 5 * 2.0))  # all-ones weights: 5 layers * 2
+    torch.testing.assert_close(model(x, 0.2 * x), torch.zeros(2))  # same side, other magnitude: 0
+    for lin in model.lins:
+        w = lin.model[1].weight
+        w.data.zero_()
+        w.data[0, 0], w.data[0, 1] = 2.0, 0.5
+    torch.testing.assert_close(model(x, y), torch.full((2,), 5 * 2.5))
+
+
+def test_lpips_matches_formula_recomputed_from_features():
+    torch.manual_seed(0)
+    model = LPIPS(pretrained=False)
+    for lin in model.lins:  # non-uniform weights so the channel weighting is exercised
+        lin.model[1].weight.data.uniform_(0, 2)
+    x, y = _images(n=2, seed=0), _images(n=2, seed=1)
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    fx, fy = model.net((x - shift) / scale), model.net((y - shift) / scale)
+    expected = torch.zeros(2)
+    for a, b, lin in zip(fx, fy, model.lins):
+        a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        w = lin.model[1].weight.view(1, -1, 1, 1)
+        expected += ((a - b) ** 2 * w).sum(1).mean(dim=(1, 2))
+    torch.testing.assert_close(model(x, y), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_lpips_gradient_reaches_input_not_params():
+    torch.manual_seed(0)
+    model = LPIPS(pretrained=False)
+    x = _images(n=2).requires_grad_(True)
+    y = torch.full_like(x, -1.0)  # flat image: many all-zero feature vectors, the 0/0 corner
+    model(x, y).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_lpips_stays_in_eval_mode():
+    torch.manual_seed(0)
+    model = LPIPS(pretrained=False)
+    parent = nn.ModuleDict({"lpips": model, "other": nn.Linear(2, 2)})
+    parent.train()
+    assert parent["other"].training
+    assert not any(m.training for m in model.modules())
+    model.train(True)
+    assert not model.training
+
+
+def test_lpips_rejects_too_small_or_mismatched_images():
+    torch.manual_seed(0)
+    model = LPIPS(pretrained=False)
+    with pytest.raises(ValueError, match="16"):
+        model(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 32, 32))
+
+
+def test_lpips_loads_good_lin_file(tmp_path):
+    path = _lin_file(tmp_path)
+    torch.manual_seed(0)
+    ones = LPIPS(pretrained=False)
+    torch.manual_seed(0)
+    learned = LPIPS(pretrained=False, lin_weights=path)
+    # same random VGG (same seed), so only the lin weights differ
+    assert torch.equal(ones.net.slice3.get_submodule("10").weight, learned.net.slice3.get_submodule("10").weight)
+    torch.testing.assert_close(learned.lin2.model[1].weight, torch.load(path)["lin2.model.1.weight"])
+    assert not learned.lin2.model[1].weight.requires_grad
+    x, y = _images(n=2, seed=0), _images(n=2, seed=1)
+    assert not torch.allclose(ones(x, y), learned(x, y))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"lin4.model.1.weight": None}, "missing keys"),  # missing key
+    ({"lin9.model.1.weight": torch.ones(1, 64, 1, 1)}, "unexpected keys"),  # extra key
+    ({"lin1.model.1.weight": torch.ones(1, 64, 1, 1)}, "shape"),  # wrong shape
+    ({"lin0.model.1.weight": -torch.ones(1, 64, 1, 1)}, "negative"),  # negative weight
+])
+def test_lpips_rejects_bad_lin_file(tmp_path, overrides, match):
+    path = _lin_file(tmp_path, name="bad_vgg.pth", **overrides)
+    with pytest.raises(ValueError, match=match) as info:
+        LPIPS(pretrained=False, lin_weights=path)
+    assert "bad_vgg.pth" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_lpips_rejects_missing_or_unreadable_lin_file(tmp_path):
+    with pytest.raises(ValueError, match="not found.*nope.pth"):
+        LPIPS(pretrained=False, lin_weights=tmp_path / "nope.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth"):
+        LPIPS(pretrained=False, lin_weights=junk)
+
+
+def test_lpips_pretrained_offline_fails_fast_with_ways_out(tmp_path, monkeypatch):
+    # an empty torch hub cache and a download that fails the way it does offline
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    timeout_before = socket.getdefaulttimeout()
+    with pytest.raises(LPIPSWeightsUnavailable) as info:
+        LPIPS(pretrained=True)
+    msg = str(info.value)
+    assert "--perceptual_weight=0" in msg and "--lpips_pretrained=false" in msg
+    assert str(tmp_path / "checkpoints") in msg and "\n" not in msg
+    assert socket.getdefaulttimeout() == timeout_before  # our temporary download timeout is undone
+
+
+def test_lpips_pretrained_loads_torchvision_features(monkeypatch):
+    # Stand in for the cached torchvision file: 'features.N.*' keys plus classifier keys to ignore.
+    torch.manual_seed(0)
+    donor = lpips_lite.VGG16Features()
+    fake = {f"features.{k.split('.', 1)[1]}": v.clone() for k, v in donor.state_dict().items()}
+    fake["classifier.0.weight"] = torch.zeros(2, 2)
+    monkeypatch.setattr(torchvision.models.VGG16_Weights, "get_state_dict", lambda self, **kw: fake)
+    monkeypatch.setattr(lpips_lite, "find_lpips_package_weights", lambda: None)
+    torch.manual_seed(1)  # a different random init, so equality below proves the load happened
+    model = LPIPS(pretrained=True)
+    assert torch.equal(model.net.get_submodule("slice4.19").weight, donor.get_submodule("slice4.19").weight)
+    assert torch.equal(model.net.get_submodule("slice5.28").weight, donor.get_submodule("slice5.28").weight)
+
+
+def test_lpips_finds_weights_in_installed_lpips_package_without_importing_it(tmp_path, monkeypatch):
+    import sys
+    pkg = tmp_path / "lpips"
+    (pkg / "weights" / "v0.1").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('lpips must not be imported')\n")
+    vgg = _lin_file(pkg / "weights" / "v0.1")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lpips", raising=False)
+    assert lpips_lite.find_lpips_package_weights() == vgg
+    assert "lpips" not in sys.modules
+
+
+# =============================================================================
+# Stage 2 scripts: the token cache (train_gpt.py) and sampling end to end (sample.py)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """A 2-step VQGAN and a class-conditional 3-step GPT on 16x16 shapes: checkpoints to sample from."""
+    root = tmp_path_factory.mktemp("runs")
+    torch.manual_seed(0)
+    train_vqgan.train(tiny_train_config(root / "vqgan", max_steps=2, disc_start=10))
+    gpt_config = dict(train_gpt.CONFIG, vqgan_ckpt=str(root / "vqgan" / "ckpt.pt"), out_dir=str(root / "gpt"),
+                      max_images=64, n_layer=1, n_head=2, n_embd=16, batch_size=8, max_steps=3, eval_interval=3,
+                      eval_batches=1, num_samples=3, conditional="class", device="cpu", warmup_steps=1)
+    train_gpt.train(gpt_config)
+    return root, gpt_config
+
+
+def test_token_cache_is_reused_and_invalidated_when_the_vqgan_changes(tiny_runs, monkeypatch):
+    root, gpt_config = tiny_runs
+    caches = sorted((root / "gpt").glob("tokens_*.pt"))
+    assert len(caches) == 1
+    cache = torch.load(caches[0], weights_only=True)
+    assert cache["train_tokens"].shape == (64, 8, 8) and cache["num_classes"] == 3
+    # the cached grids are exactly the VQGAN's indices of the dataset's images
+    vq = train_vqgan.vqgan_from_checkpoint(train_vqgan.load_checkpoint(gpt_config["vqgan_ckpt"], "vqgan")).eval()
+    x = torch.stack([ShapesDataset(4, 16, seed=0)[i][0] for i in range(4)])
+    assert torch.equal(vq.encode(x)[1], cache["train_tokens"][:4])
+    # a second run reuses the file: the encoder never runs
+    monkeypatch.setattr(train_gpt, "encode_dataset", lambda *a, **k: pytest.fail("encoded again"))
+    vqgan = train_vqgan.vqgan_from_checkpoint(train_vqgan.load_checkpoint(gpt_config["vqgan_ckpt"], "vqgan"))
+    data_config = train_vqgan.load_checkpoint(gpt_config["vqgan_ckpt"], "vqgan")["config"]
+    again = train_gpt.load_token_cache(gpt_config, vqgan, data_config, torch.device("cpu"))
+    assert torch.equal(again["train_tokens"], cache["train_tokens"])
+    # a changed VQGAN checkpoint (one more training step) gets a new key, so the cache is rebuilt
+    monkeypatch.undo()
+    train_vqgan.train(tiny_train_config(root / "vqgan", max_steps=3, disc_start=10, resume=True))
+    train_gpt.load_token_cache(gpt_config, vqgan, data_config, torch.device("cpu"))
+    assert len(list((root / "gpt").glob("tokens_*.pt"))) == 2
+
+
+def test_flipped_data_caches_both_orientations():
+    class Flipping(torch.utils.data.Dataset):
+        random_flip = True
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.arange(16.0).view(1, 1, 16).expand(3, 16, 16) / 8 - 1, i
+
+    class Recorder:
+        def encode(self, x):
+            return None, x[:, 0, :1, :].long(), None
+
+    tokens, labels = train_gpt.encode_dataset(Recorder(), Flipping(), 0, 8, "cpu", "test")
+    assert len(tokens) == 4 and labels.tolist() == [0, 1, 0, 1]
+    assert torch.equal(tokens[2], tokens[0].flip(-1))
+
+
+def test_gpt_training_writes_checkpoints_and_lowers_the_loss(tiny_runs):
+    root, _ = tiny_runs
+    ckpt = train_vqgan.load_checkpoint(str(root / "gpt" / "ckpt.pt"), "gpt")
+    assert ckpt["step"] == 3 and ckpt["class_names"] == list(SHAPE_NAMES) and ckpt["grid_hw"] == [8, 8]
+    assert (root / "gpt" / "best.pt").exists() and (root / "gpt" / "samples_000003.png").exists()
+    # one row per class in the sample grid: 3 classes x 1 sample, 16-pixel tiles with 2-pixel padding
+    assert Image.open(root / "gpt" / "samples_000003.png").size == (2 + 1 * 18, 2 + 3 * 18)
+
+
+def test_gpt_learning_rate_schedule():
+    config = dict(train_gpt.CONFIG, lr=1.0, warmup_steps=10, max_steps=110)
+    assert train_gpt.lr_at(0, config) == pytest.approx(0.1)
+    assert train_gpt.lr_at(9, config) == pytest.approx(1.0)
+    assert train_gpt.lr_at(60, config) == pytest.approx(0.55)  # half-way down the cosine: 0.1 + 0.9 / 2
+    assert train_gpt.lr_at(110, config) == pytest.approx(0.1)
+
+
+def test_sample_end_to_end_and_sliding_window(tiny_runs):
+    root, _ = tiny_runs
+    base = dict(sample.CONFIG, gpt_ckpt=str(root / "gpt" / "ckpt.pt"), device="cpu", num_samples=2)
+    path = sample.sample(dict(base, class_label=1, out=str(root / "one_class.png")))
+    assert Image.open(path).size == (2 + 2 * 18, 2 + 1 * 18)
+    path = sample.sample(dict(base, out=str(root / "per_class.png")))  # one row per class
+    assert Image.open(path).size == (2 + 2 * 18, 2 + 3 * 18)
+    # 16 x 40 pixels = 8 x 20 tokens from a GPT trained on 8 x 8: the sliding window
+    path = sample.sample(dict(base, class_label=0, width=40, out=str(root / "wide.png")))
+    assert Image.open(path).size == (2 + 2 * 42, 2 + 1 * 18)
+    Image.fromarray(np.full((20, 24, 3), 200, np.uint8)).save(root / "photo.png")
+    path = sample.sample(dict(base, class_label=2, complete=str(root / "photo.png"), out=str(root / "done.png")))
+    assert Image.open(path).size == (2 + 4 * 18, 2 + 1 * 18)  # original, reconstruction, 2 completions
+
+
+def test_sample_errors_are_one_clear_line(tiny_runs, tmp_path):
+    root, gpt_config = tiny_runs
+    base = dict(sample.CONFIG, gpt_ckpt=str(root / "gpt" / "ckpt.pt"), device="cpu", num_samples=1,
+                out=str(tmp_path / "x.png"))
+    other_vqgan = tmp_path / "k32" / "ckpt.pt"
+    train_vqgan.train(tiny_train_config(tmp_path / "k32", max_steps=1, n_codes=32, disc_start=10))
+    for overrides, words in [(dict(class_label=3), "--class_label=3 is out of range (this model knows 0 = circle"),
+                             (dict(width=20), "not a multiple of the VQGAN's downsampling factor f=2"),
+                             (dict(height=8), "smaller than the training size"),
+                             (dict(gpt_ckpt=gpt_config["vqgan_ckpt"]), "is a vqgan checkpoint, not a gpt checkpoint"),
+                             (dict(vqgan_ckpt=str(other_vqgan)), "has 32 codes but the GPT"),
+                             (dict(complete=str(tmp_path / "nope.png"), class_label=0), "no such file"),
+                             (dict(top_p=0.0), "--top_p")]:
+        with pytest.raises(SystemExit) as e:
+            sample.sample(dict(base, **overrides))
+        assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_gpt_flags_are_checked():
+    with pytest.raises(SystemExit, match="--conditional=pixels is not one of none, class"):
+        train_gpt.resolve_config(dict(conditional="pixels"))
+    with pytest.raises(SystemExit, match="not divisible"):
+        train_gpt.resolve_config(dict(n_embd=30, n_head=4))
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        train_gpt.train(dict(train_gpt.CONFIG, vqgan_ckpt="/nonexistent/ckpt.pt", device="cpu"))

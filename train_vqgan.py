@@ -251,6 +251,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         centres = np.arange(image_size) + 0.5
         self.ys, self.xs = np.meshgrid(centres, centres, indexing="ij")
         self.colours = _palette_tensor()
+        self.random_flip, self.num_classes = False, NUM_SHAPE_CLASSES  # read by train_gpt.py
 
     def __len__(self):
         return self.num_items
@@ -280,7 +281,7 @@ def _is_image_name(name):
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _open_rgb(path, min_size=1):
+def open_rgb(path, min_size=1):
     """PIL image at `path` as RGB, fully decoded (so truncated files fail here, not later)."""
     with Image.open(path) as img:
         # JPEGs can decode at 1/2..1/8 scale for free; draft keeps both sides >= min_size.
@@ -311,7 +312,7 @@ def find_images(root):
     good, bad = [], []
     for path in files:
         try:
-            _open_rgb(path)
+            open_rgb(path)
             good.append(path)
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
             warnings.warn(f"skipping {path}: cannot read it as an image ({type(e).__name__}: {e})")
@@ -324,7 +325,7 @@ def find_images(root):
     return good, bad
 
 
-def _image_transform(image_size, train, flip=True):
+def image_transform(image_size, train, flip=True):
     # Short side -> image_size keeps the aspect ratio; the crop then makes it square.
     # Random crop + flip multiply a small folder's variety; validation must be repeatable.
     steps = [T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
@@ -347,13 +348,14 @@ class ImageFileDataset(torch.utils.data.Dataset):
 
     def __init__(self, files, image_size, train):
         self.files, self.image_size, self.train = list(files), image_size, train
-        self.transform = _image_transform(image_size, train)
+        self.transform = image_transform(image_size, train)
+        self.random_flip, self.num_classes = train, 0  # read by train_gpt.py's token cache
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
-        return self.transform(_open_rgb(self.files[index], self.image_size)), -1
+        return self.transform(open_rgb(self.files[index], self.image_size)), -1
 
 
 # -----------------------------------------------------------------------------
@@ -390,7 +392,10 @@ class TorchvisionImages(torch.utils.data.Dataset):
     def __init__(self, name, image_size, train, data_root="data"):
         split = TORCHVISION_DATA[name][1 if train else 2]
         self.base = _open_torchvision(name, data_root, split)
-        self.transform = _image_transform(image_size, train, flip=TORCHVISION_DATA[name][4])
+        self.transform = image_transform(image_size, train, flip=TORCHVISION_DATA[name][4])
+        # read by train_gpt.py: the token cache stores both orientations of flipped data
+        self.random_flip = train and TORCHVISION_DATA[name][4]
+        self.num_classes = 0 if name == "celeba" else 10
 
     def __len__(self):
         return len(self.base)

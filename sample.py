@@ -1,0 +1,144 @@
+"""
+Sample images from a trained GPT (Sec. 3.2): write a grid of codebook indices token by token,
+then decode it with the VQGAN in one pass.
+
+    python sample.py                                   # out/gpt/ckpt.pt -> out/samples.png
+    python sample.py --top_k=100 --temperature=0.9     # the official sampling controls
+    python sample.py --class_label=2                   # class-conditional models: one class
+    python sample.py --width=96                        # wider than trained: the sliding window
+    python sample.py --complete=photo.png              # keep the top half, sample the rest
+
+When the requested size's token grid is larger than the grid the GPT was trained on, every
+token is sampled from a window of the trained size placed around it (the paper's sliding
+window, Fig. 3; `window_start` in gpt.py), and the whole grid is decoded at the end: the
+convolutional decoder takes any size.
+"""
+
+import os
+import sys
+
+import torch
+
+from gpt import GPT, cond_tokens, sample_sliding_window
+from train_vqgan import (image_transform, open_rgb, load_checkpoint, parse_overrides, pick_device, save_image_grid,
+                         vqgan_from_checkpoint)
+
+CONFIG = dict(
+    gpt_ckpt="out/gpt/ckpt.pt",   # a checkpoint written by train_gpt.py
+    vqgan_ckpt="",                # '' = the VQGAN the GPT was trained with (its path is in the GPT checkpoint)
+    num_samples=16,               # images to sample (class-conditional without --class_label: per class, 8 at most)
+    temperature=1.0,              # < 1 sharper, > 1 more varied
+    top_k=0,                      # sample only among the k most likely codes (0 = all; official: 100 to 600)
+    top_p=1.0,                    # nucleus: the smallest set of codes with this much probability (1.0 = all)
+    class_label=-1,               # class-conditional models: the class to draw (-1 = one row per class)
+    height=0,                     # output height in pixels (0 = the training size); a multiple of the VQGAN's f
+    width=0,                      # output width in pixels (0 = the training size)
+    complete="",                  # an image file: keep its top half of tokens and sample the bottom half
+    out="out/samples.png",        # where the PNG grid goes
+    device="auto",                # auto = cuda, then mps, then cpu
+    seed=0,
+)
+
+
+def load_models(config, device):
+    gpt_ckpt = load_checkpoint(config["gpt_ckpt"], "gpt")
+    model = GPT(**gpt_ckpt["model_config"])
+    model.load_state_dict(gpt_ckpt["model"])
+    vqgan_path = config["vqgan_ckpt"] or gpt_ckpt["vqgan_ckpt"]
+    vqgan = vqgan_from_checkpoint(load_checkpoint(vqgan_path, "vqgan"))
+    if vqgan.n_codes != model.n_codes:
+        raise SystemExit(f"error: the VQGAN {vqgan_path} has {vqgan.n_codes} codes but the GPT {config['gpt_ckpt']} "
+                         f"was trained on {model.n_codes} (give the --vqgan_ckpt it was trained with)")
+    return model.to(device).eval(), vqgan.to(device).eval(), gpt_ckpt
+
+
+def conditioning(model, gpt_ckpt, config, device):
+    """(B, 1) conditioning tokens and the grid's row length for the PNG."""
+    names = gpt_ckpt["class_names"]
+    if gpt_ckpt["conditional"] != "class":
+        if config["class_label"] != -1:
+            raise SystemExit("error: --class_label is for class-conditional models, and this GPT is unconditional")
+        return cond_tokens(model, None, config["num_samples"], device), 8
+    if config["class_label"] == -1:
+        per_class = min(8, config["num_samples"])
+        labels = torch.arange(len(names), device=device).repeat_interleave(per_class)
+        return cond_tokens(model, labels, len(labels), device), per_class
+    if not 0 <= config["class_label"] < len(names):
+        listing = ", ".join(f"{i} = {n}" for i, n in enumerate(names))
+        raise SystemExit(f"error: --class_label={config['class_label']} is out of range (this model knows {listing})")
+    return cond_tokens(model, config["class_label"], config["num_samples"], device), 8
+
+
+def token_grid_size(config, gpt_ckpt, f):
+    """(h, w) in tokens for the requested pixel size; never smaller than the trained grid."""
+    trained_h, trained_w = gpt_ckpt["grid_hw"]
+    size = []
+    for name, trained in (("height", trained_h), ("width", trained_w)):
+        pixels = config[name] or trained * f
+        if pixels % f:
+            raise SystemExit(f"error: --{name}={pixels} is not a multiple of the VQGAN's downsampling factor "
+                             f"f={f} (try {max(f, pixels // f * f)})")
+        if pixels // f < trained:
+            raise SystemExit(f"error: --{name}={pixels} is smaller than the training size {trained * f} "
+                             f"(the GPT only knows grids of at least {trained} tokens)")
+        size.append(pixels // f)
+    return tuple(size)
+
+
+@torch.no_grad()
+def complete_image(model, vqgan, gpt_ckpt, config, device):
+    """The paper's completion demo: encode an image, keep its top half of tokens, sample the rest."""
+    if not os.path.isfile(config["complete"]):
+        raise SystemExit(f"error: --complete={config['complete']}: no such file (give an image file)")
+    try:
+        image = image_transform(gpt_ckpt["image_size"], train=False)(open_rgb(config["complete"]))
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for unreadable files
+        raise SystemExit(f"error: --complete={config['complete']} could not be read as an image ({e})") from None
+    if gpt_ckpt["conditional"] == "class" and config["class_label"] == -1:
+        raise SystemExit("error: --complete with a class-conditional model needs --class_label=N")
+    x = image[None].to(device)
+    tokens = vqgan.encode(x)[1]  # (1, h, w)
+    h, w = tokens.shape[1:]
+    keep = (h // 2) * w  # the top half of the rows, in raster order
+    n = config["num_samples"]
+    label = None if gpt_ckpt["conditional"] != "class" else config["class_label"]
+    prefix = torch.cat([cond_tokens(model, label, n, device), tokens.flatten(1)[:, :keep].expand(n, -1)], dim=1)
+    g = torch.Generator(device=device).manual_seed(config["seed"])
+    rest = model.generate(prefix, h * w - keep, temperature=config["temperature"], top_k=config["top_k"] or None,
+                          top_p=config["top_p"] if config["top_p"] < 1 else None, generator=g)
+    completed = torch.cat([tokens.flatten(1).expand(n, -1)[:, :keep], rest], dim=1).view(n, h, w)
+    # first the original and its reconstruction, then the completions
+    return torch.cat([x, vqgan.decode_indices(tokens), vqgan.decode_indices(completed)]), n + 2
+
+
+@torch.no_grad()
+def sample(config):
+    device = pick_device(config["device"])
+    model, vqgan, gpt_ckpt = load_models(config, device)
+    if config["num_samples"] <= 0 or config["temperature"] <= 0 or not 0 < config["top_p"] <= 1 or config["top_k"] < 0:
+        raise SystemExit("error: need --num_samples > 0, --temperature > 0, 0 < --top_p <= 1 and --top_k >= 0")
+    if config["complete"]:
+        images, nrow = complete_image(model, vqgan, gpt_ckpt, config, device)
+    else:
+        h, w = token_grid_size(config, gpt_ckpt, vqgan.downsample_factor)
+        cond, nrow = conditioning(model, gpt_ckpt, config, device)
+        g = torch.Generator(device=device).manual_seed(config["seed"])
+        trained_h, trained_w = gpt_ckpt["grid_hw"]
+        # On the trained grid this is plain autoregressive sampling with a KV cache; on a larger
+        # grid it is the sliding window. One code path, the same tokens for the same seed.
+        tokens = sample_sliding_window(model, cond, h, w, trained_h, trained_w, temperature=config["temperature"],
+                                       top_k=config["top_k"] or None,
+                                       top_p=config["top_p"] if config["top_p"] < 1 else None,
+                                       generator=g, progress=True)
+        images = vqgan.decode_indices(tokens)
+    path = save_image_grid(images, config["out"], nrow)
+    print(f"wrote {len(images)} images to {path}")
+    return path
+
+
+def main(argv):
+    sample(dict(CONFIG, **parse_overrides(CONFIG, argv, __file__)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

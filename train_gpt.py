@@ -1,0 +1,287 @@
+"""
+Train the transformer of Taming Transformers (Sec. 3.2): a GPT that learns p(s) (Eq. 8) or
+p(s | c) (Eq. 10) over the VQGAN's grids of codebook indices, with the cross-entropy of Eq. (9).
+
+    python train_gpt.py                                   # after train_vqgan.py, on its data
+    python train_gpt.py --conditional=class               # one start token per class: p(s | c)
+    python train_gpt.py --help                            # every hyperparameter with its default
+
+The frozen VQGAN encodes the dataset to index grids once; the grids are cached on disk next to
+the checkpoint (out_dir/tokens_<key>.pt, keyed by the VQGAN checkpoint and the data settings),
+so training the GPT never runs the encoder again. Writes out_dir/ckpt.pt (latest, for --resume),
+out_dir/best.pt (lowest validation loss), out_dir/log.csv and out_dir/samples_XXXXXX.png.
+"""
+
+import hashlib
+import math
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from gpt import GPT, cond_tokens, corrupt_tokens, gpt_loss
+from train_vqgan import (SHAPE_NAMES, append_log, autocast, load_checkpoint, make_datasets, parse_overrides,
+                         pick_device, pick_dtype, save_checkpoint, save_image_grid, vqgan_from_checkpoint)
+
+# -----------------------------------------------------------------------------
+# Hyperparameters, each overridable as --name=value. The defaults train on the built-in shapes
+# (8x8 tokens from the default VQGAN) in a few minutes on a 2-core CPU.
+CONFIG = dict(
+    vqgan_ckpt="out/vqgan/ckpt.pt",  # the frozen first stage whose index grids the GPT learns
+    data="",                  # '' = the data the VQGAN was trained on; else shapes, a folder, cifar10, ...
+    max_images=20000,         # encode at most this many training images into the token cache (0 = all)
+    conditional="none",       # 'none': p(s), one start token; 'class': p(s | c), one token per class (Eq. 10)
+    # model (the paper's faces/depth GPT: 24 layers, 16 heads, 1024 wide, block 512)
+    n_layer=4,                # transformer blocks
+    n_head=4,                 # attention heads per block
+    n_embd=128,               # width of the residual stream
+    # optimisation
+    batch_size=64,            # sequences per step
+    max_steps=2000,           # optimiser steps
+    lr=1e-3,                  # peak learning rate (small model, short run; the paper's big GPTs use 4.5e-6 x batch)
+    warmup_steps=100,         # linear warm-up, then cosine decay to lr / 10
+    weight_decay=0.01,        # AdamW decay, on Linear weight matrices only (official)
+    grad_clip=1.0,            # clip the global gradient norm (0 = off): keeps a rare bad batch from derailing it
+    pkeep=1.0,                # official option: keep each input token with this probability, else a random code
+    # logging and checkpoints
+    out_dir="out/gpt",
+    eval_interval=500,        # validation loss, sample grid and checkpoint every this many steps
+    eval_batches=8,           # validation batches per evaluation
+    num_samples=24,           # images in each sample grid (class-conditional: spread over one row per class)
+    device="auto",            # auto = cuda, then mps, then cpu
+    dtype="auto",             # auto = bf16 autocast on CUDA (fp16 + GradScaler without bf16), fp32 elsewhere
+    seed=0,
+    resume=False,             # continue from out_dir/ckpt.pt exactly where it stopped
+)
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "conditional", "vqgan_ckpt", "data")
+
+# -----------------------------------------------------------------------------
+# The token cache: the dataset as index grids, computed once with the frozen VQGAN
+
+
+def file_digest(path):
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(vqgan_path, data_settings):
+    # The key changes when the VQGAN file changes (any byte) or when any data setting does, so a
+    # stale cache is never reused; an unchanged pair always hits the same file.
+    text = file_digest(vqgan_path) + repr(sorted(data_settings.items()))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_dataset(vqgan, dataset, max_images, batch_size, device, desc):
+    """-> (tokens (N, h, w) long, labels (N,) long). With random flips, both orientations."""
+    n = len(dataset) if max_images <= 0 else min(len(dataset), max_images)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size)
+    tokens, labels = [], []
+    for batch in tqdm(loader, desc=desc, leave=False):
+        x, y = batch[0].to(device), torch.as_tensor(batch[1])
+        views = [x, x.flip(-1)] if getattr(dataset, "random_flip", False) else [x]
+        for view in views:
+            tokens.append(vqgan.encode(view)[1].cpu())
+            labels.append(y)
+    return torch.cat(tokens), torch.cat(labels)
+
+
+def load_token_cache(config, vqgan, data_config, device):
+    """The cached index grids for (VQGAN checkpoint, data settings), encoding them on a miss."""
+    settings = dict(data=data_config["data"], image_size=data_config["image_size"], seed=data_config["seed"],
+                    val_fraction=data_config["val_fraction"], max_images=config["max_images"])
+    path = os.path.join(config["out_dir"], f"tokens_{cache_key(config['vqgan_ckpt'], settings)}.pt")
+    if os.path.exists(path):
+        print(f"token cache: reusing {path}")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    train_set, val_set = make_datasets(settings["data"], settings["image_size"], settings["val_fraction"],
+                                       settings["seed"], data_root=data_config["data_root"])
+    train_tokens, train_labels = encode_dataset(vqgan, train_set, config["max_images"], 256, device, "encode train")
+    val_tokens, val_labels = encode_dataset(vqgan, val_set, 0, 256, device, "encode val")
+    cache = dict(train_tokens=train_tokens, train_labels=train_labels, val_tokens=val_tokens,
+                 val_labels=val_labels, num_classes=getattr(train_set, "num_classes", 0), settings=settings)
+    save_checkpoint(cache, path)
+    print(f"token cache: wrote {len(train_tokens)} + {len(val_tokens)} grids of {tuple(train_tokens.shape[1:])} to {path}")
+    return cache
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def make_sequences(model, tokens, labels, conditional):
+    """[c, s]: one conditioning token, then the h*w image tokens in raster order (Eq. 8 / 10)."""
+    cond = cond_tokens(model, labels if conditional == "class" else None, tokens.size(0), tokens.device)
+    return torch.cat([cond, tokens.flatten(1)], dim=1)
+
+
+def lr_at(step, config):
+    # Linear warm-up (Adam's early steps are noisy), then cosine decay to a tenth of the peak.
+    if step < config["warmup_steps"]:
+        return config["lr"] * (step + 1) / config["warmup_steps"]
+    progress = (step - config["warmup_steps"]) / max(1, config["max_steps"] - config["warmup_steps"])
+    return config["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def batch_at(tokens, labels, step, batch_size, seed):
+    # Random rows chosen by (seed, step) alone: --resume replays exactly the same batches.
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    rows = torch.randint(0, tokens.size(0), (batch_size,), generator=g)
+    return tokens[rows], labels[rows], g
+
+
+def train_step(model, optimizer, scaler, tokens, labels, step, config, device, dtype):
+    tokens, labels, g = batch_at(tokens, labels, step, config["batch_size"], config["seed"])
+    tokens, labels = tokens.to(device), labels.to(device)
+    seq = make_sequences(model, tokens, labels, config["conditional"])
+    inputs = seq
+    if config["pkeep"] < 1.0:  # corrupt the inputs only; the targets in seq stay true
+        noisy = corrupt_tokens(tokens.flatten(1), config["pkeep"], model.n_codes, generator=g.manual_seed(step))
+        inputs = torch.cat([seq[:, :1], noisy.to(device)], dim=1)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, config)
+    with autocast(device, dtype):
+        loss = gpt_loss(model(inputs[:, :-1]), seq, n_cond=1)  # Eq. (9)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if config["grad_clip"] > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item()
+
+
+@torch.no_grad()
+def validation_loss(model, tokens, labels, config, device, dtype):
+    """Mean cross-entropy per image token over the first eval_batches batches, in nats."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, min(len(tokens), config["eval_batches"] * config["batch_size"]), config["batch_size"]):
+        t, y = tokens[i:i + config["batch_size"]].to(device), labels[i:i + config["batch_size"]].to(device)
+        seq = make_sequences(model, t, y, config["conditional"])
+        with autocast(device, dtype):
+            total += gpt_loss(model(seq[:, :-1]), seq, n_cond=1).item() * len(t)
+        count += len(t)
+    model.train()
+    return total / count
+
+
+@torch.no_grad()
+def sample_grid(model, vqgan, grid_hw, config, num_classes, device, path, seed):
+    """Decode fresh samples into a PNG; class-conditional: one row per class."""
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    if config["conditional"] == "class":
+        per_row = max(1, config["num_samples"] // num_classes)
+        labels = torch.arange(num_classes, device=device).repeat_interleave(per_row)
+        cond, nrow = cond_tokens(model, labels, len(labels), device), per_row
+    else:
+        cond, nrow = cond_tokens(model, None, config["num_samples"], device), 8
+    tokens = model.generate(cond, grid_hw[0] * grid_hw[1], generator=g)
+    images = vqgan.decode_indices(tokens.view(-1, *grid_hw))
+    model.train()
+    return save_image_grid(images, path, nrow)
+
+
+def resolve_config(overrides):
+    config = dict(CONFIG)
+    if overrides.get("resume", False):
+        path = os.path.join(overrides.get("out_dir", config["out_dir"]), "ckpt.pt")
+        saved = load_checkpoint(path, "gpt")["config"]
+        changed = [k for k in MODEL_KEYS if k in overrides and overrides[k] != saved[k]]
+        if changed:
+            raise SystemExit(f"error: --resume with a different {', '.join(changed)} than the checkpoint "
+                             f"(drop those flags, or train a new model with another --out_dir)")
+        config.update(saved)
+    config.update(overrides)
+    if config["conditional"] not in ("none", "class"):
+        raise SystemExit(f"error: --conditional={config['conditional']} is not one of none, class")
+    for k in ("n_layer", "n_head", "n_embd", "batch_size", "max_steps", "eval_interval", "eval_batches", "num_samples"):
+        if config[k] <= 0:
+            raise SystemExit(f"error: --{k}={config[k]} must be positive")
+    if config["n_embd"] % config["n_head"]:
+        raise SystemExit(f"error: --n_embd={config['n_embd']} is not divisible by --n_head={config['n_head']}")
+    if not 0 < config["pkeep"] <= 1 or config["lr"] <= 0 or config["warmup_steps"] < 0:
+        raise SystemExit("error: --pkeep must be in (0, 1], --lr positive and --warmup_steps non-negative")
+    return config
+
+
+def train(config):
+    device = pick_device(config["device"])
+    dtype = pick_dtype(config["dtype"], device)
+    torch.manual_seed(config["seed"])
+    vq_ckpt = load_checkpoint(config["vqgan_ckpt"], "vqgan")
+    vqgan = vqgan_from_checkpoint(vq_ckpt).to(device).eval().requires_grad_(False)
+    data_config = dict(vq_ckpt["config"], **({"data": config["data"]} if config["data"] else {}))
+    cache = load_token_cache(config, vqgan, data_config, device)
+    train_tokens, train_labels = cache["train_tokens"], cache["train_labels"]
+    val_tokens, val_labels = cache["val_tokens"], cache["val_labels"]
+    grid_hw = tuple(train_tokens.shape[1:])
+    num_classes = cache["num_classes"]
+    if config["conditional"] == "class" and num_classes == 0:
+        raise SystemExit(f"error: --conditional=class needs labelled data, and {data_config['data']} has no "
+                         f"class labels (use --conditional=none)")
+
+    model = GPT(n_codes=vqgan.n_codes, block_size=1 + grid_hw[0] * grid_hw[1], n_layer=config["n_layer"],
+                n_head=config["n_head"], n_embd=config["n_embd"],
+                n_cond_tokens=num_classes if config["conditional"] == "class" else 1).to(device)
+    optimizer = model.configure_optimizer(config["lr"], config["weight_decay"], betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    out_dir = config["out_dir"]
+    ckpt_path, best_path, log_path = (os.path.join(out_dir, n) for n in ("ckpt.pt", "best.pt", "log.csv"))
+    step, best = 0, float("inf")
+    if config["resume"]:
+        ckpt = load_checkpoint(ckpt_path, "gpt")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, best = ckpt["step"], ckpt["best_val_loss"]
+        torch.set_rng_state(ckpt["rng"])
+        print(f"resuming from {ckpt_path} at step {step}")
+    class_names = list(SHAPE_NAMES) if data_config["data"] == "shapes" else [str(i) for i in range(num_classes)]
+    print(f"GPT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_tokens)} training "
+          f"grids of {grid_hw[0]}x{grid_hw[1]} tokens, vocabulary {vqgan.n_codes} codes")
+
+    def checkpoint(val_loss):
+        return dict(kind="gpt", model=model.state_dict(), model_config=model.config, optimizer=optimizer.state_dict(),
+                    step=step, best_val_loss=best, val_loss=val_loss, config=config, rng=torch.get_rng_state(),
+                    vqgan_ckpt=config["vqgan_ckpt"], vqgan_config=vqgan.config, grid_hw=list(grid_hw),
+                    image_size=data_config["image_size"], conditional=config["conditional"],
+                    class_names=class_names if config["conditional"] == "class" else [])
+
+    bar = tqdm(total=config["max_steps"], initial=step, desc="gpt", dynamic_ncols=True)
+    started = time.time()
+    while step < config["max_steps"]:
+        loss = train_step(model, optimizer, scaler, train_tokens, train_labels, step, config, device, dtype)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr_at(step - 1, config):.1e}")
+        if step % config["eval_interval"] == 0 or step == config["max_steps"]:
+            val = validation_loss(model, val_tokens, val_labels, config, device, dtype)
+            png = sample_grid(model, vqgan, grid_hw, config, num_classes, device,
+                              os.path.join(out_dir, f"samples_{step:06d}.png"), config["seed"])
+            improved = val < best
+            best = min(best, val)
+            save_checkpoint(checkpoint(val), ckpt_path)
+            if improved:
+                save_checkpoint(checkpoint(val), best_path)
+            append_log(log_path, dict(step=step, time=round(time.time() - started, 1), train_loss=loss,
+                                      val_loss=val, val_bits_per_token=val / math.log(2), lr=lr_at(step - 1, config)))
+            tqdm.write(f"step {step}: val loss {val:.4f} nats/token ({val / math.log(2):.3f} bits/token)"
+                       f"{' (best)' if improved else ''}; wrote {png} and {ckpt_path}")
+    bar.close()
+    return model
+
+
+def main(argv):
+    train(resolve_config(parse_overrides(CONFIG, argv, __file__)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
