@@ -297,6 +297,42 @@ def test_load_checkpoint_errors(tmp_path):
         train_vqgan.load_checkpoint(str(tmp_path / "code.pt"), "vqgan")
 
 
+# The official implementation's outputs on the same inputs (official_small_fixture.pt, a part of
+# shared/reference/official_small.pt: CompVis/taming-transformers @3ba01b2, fp32 CPU).
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_small_fixture.pt")
+
+
+def test_quantizer_matches_the_official_one():
+    ref = torch.load(FIXTURE, weights_only=True)["quantizers"]
+    for name in ("vq2_legacyFalse", "vq2_legacyTrue"):
+        r = ref[name]
+        vq = VectorQuantizer(n_codes=32, code_dim=4, beta=0.25)
+        vq.load_state_dict(r["state_dict"])
+        z = r["z"].clone().requires_grad_(True)
+        z_q, idx, loss = vq(z)
+        assert torch.equal(idx, r["indices_bhw"]) and torch.allclose(z_q, r["z_q"], atol=1e-6)
+        assert loss.item() == pytest.approx(r["loss"].item(), rel=1e-5)  # the forward value is the same either way
+        # the reference differentiated loss + sum(z_q^2) (a stand-in for the decoder's gradient through
+        # the straight-through path). Ours agrees exactly with legacy=False (beta on the commitment
+        # term, the paper) and differs from legacy=True (beta on the codebook term, the official bug).
+        (loss + z_q.pow(2).sum()).backward()
+        same_z = torch.allclose(z.grad, r["grad_z"], atol=1e-6)
+        same_codebook = torch.allclose(vq.embedding.weight.grad, r["grad_codebook"], atol=1e-6)
+        assert same_z == same_codebook == (name == "vq2_legacyFalse")
+
+
+def test_loss_helpers_match_the_official_ones():
+    r = torch.load(FIXTURE, weights_only=True)["loss_helpers"]
+    assert hinge_d_loss(r["logits_real"], r["logits_fake"]).item() == pytest.approx(r["hinge_d_loss"].item(), rel=1e-6)
+    a = r["adaptive"]
+    w = a["last_layer"].clone().requires_grad_(True)
+    out = F.conv2d(a["inp"], w, padding=1)
+    nll, g = out.abs().mean(), -torch.tanh(0.3 * out).mean()
+    assert nll.item() == pytest.approx(a["nll"].item(), rel=1e-5) and g.item() == pytest.approx(a["g"].item(), rel=1e-4)
+    lam = adaptive_weight(nll, g, w, delta=1e-4) * 0.8  # the official delta and disc_weight
+    assert lam.item() == pytest.approx(a["d_weight(disc_weight=0.8)"].item(), rel=1e-5)
+
+
 def _palette_index(rgb):
     """Index into PALETTE of a [-1, 1] colour vector (asserts it is a palette colour)."""
     as_uint8 = tuple(int(round(v)) for v in ((rgb + 1) * 127.5).tolist())
@@ -785,6 +821,336 @@ def test_lpips_finds_weights_in_installed_lpips_package_without_importing_it(tmp
     assert "lpips" not in sys.modules
 
 
+OFFICIAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_small_fixture.pt")
+
+
+def tiny_gpt(n_codes=16, block_size=40, n_cond_tokens=1, seed=0, std=None):
+    """A tiny GPT. std rescales every weight so the random model is strongly context
+    dependent (with the 0.02 init its predictions barely depend on the input, which would let
+    a wrong window / cache still pass)."""
+    torch.manual_seed(seed)
+    m = GPT(n_codes, block_size, n_layer=2, n_head=2, n_embd=16, n_cond_tokens=n_cond_tokens)
+    if std is not None:
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, std if name != "head.weight" else 1.0)
+    return m.eval()
+
+
+# --- the transformer -----------------------------------------------------------------------
+
+def test_config_rebuilds_and_init():
+    m = tiny_gpt()
+    m2 = GPT(**m.config)
+    assert m2.config == m.config and m2.tok_emb.weight.shape == (17, 16)
+    assert m2.head.bias is None and m2.head.weight.shape == (16, 16)
+    assert torch.all(m2.pos_emb == 0) and m2.pos_emb.shape == (1, 40, 16)
+    assert torch.all(m2.blocks[0].attn.qkv.bias == 0)
+    assert abs(m2.blocks[0].mlp[0].weight.std().item() - 0.02) < 0.004
+    assert isinstance(m2.blocks[0].mlp[1], nn.GELU)
+
+
+def test_causal_mask():
+    m = tiny_gpt(std=0.3)
+    idx = torch.randint(0, 17, (2, 12))
+    idx2 = idx.clone()
+    idx2[:, 7] = (idx[:, 7] + 1) % 17
+    a, b = m(idx), m(idx2)
+    assert torch.equal(a[:, :7], b[:, :7])  # earlier positions cannot see position 7
+    assert not torch.allclose(a[:, 7:], b[:, 7:])  # later ones do
+
+
+def test_forward_bad_inputs():
+    m = tiny_gpt()
+    with pytest.raises(ValueError, match="block_size"):
+        m(torch.zeros(1, 41, dtype=torch.long))
+    with pytest.raises(ValueError, match="token ids"):
+        m(torch.tensor([[0, 17]]))
+    with pytest.raises(ValueError, match="token ids"):
+        m(torch.tensor([[-1, 3]]))
+    cache = m.new_kv_cache(1)
+    m(torch.zeros(1, 39, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="block_size"):
+        m(torch.zeros(1, 2, dtype=torch.long), cache)
+
+
+def test_kv_cache_matches_full_forward():
+    m = tiny_gpt(std=0.3)
+    idx = torch.randint(0, 17, (3, 20))
+    full = m(idx)
+    cache = m.new_kv_cache(3)
+    assert isinstance(cache, KVCache) and cache.k.shape == (2, 3, 2, 40, 8)
+    parts = [m(idx[:, :5], cache)]  # prefill: causal within the 5 new tokens
+    for t in range(5, 12):  # single-token steps
+        parts.append(m(idx[:, t:t + 1], cache))
+    parts.append(m(idx[:, 12:20], cache))  # several tokens after a non-empty cache
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    cache.reset()  # a reset cache behaves like a fresh one
+    torch.testing.assert_close(m(idx[:, :9], cache), full[:, :9], atol=1e-5, rtol=1e-5)
+
+
+def test_matches_official_mingpt():
+    """Load the official minGPT weights (separate query/key/value fused into qkv) and compare
+    against the official logits and samples recorded in official_small.pt."""
+    d = torch.load(OFFICIAL, weights_only=True)["gpt"]
+    c, sd = d["config"], d["state_dict"]
+    m = GPT(c["vocab_size"], c["block_size"], c["n_layer"], c["n_head"], c["n_embd"])
+    new = {}
+    for k, v in sd.items():
+        if ".attn.query." in k:
+            new[k.replace("query", "qkv")] = torch.cat(
+                [v, sd[k.replace("query", "key")], sd[k.replace("query", "value")]])
+        elif not any(s in k for s in (".attn.key.", ".attn.value.", ".attn.mask")):
+            new[k] = v
+    # our start token (id K) gets a row of its own; the official one is code 0, not used here
+    new["tok_emb.weight"] = torch.cat([sd["tok_emb.weight"], sd["tok_emb.weight"][:1]])
+    m.load_state_dict(new)
+    idx = d["idx"]
+    torch.testing.assert_close(m(idx[:, :-1]), d["logits"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(m.generate(idx[:, :3], 10, greedy=True), d["greedy_sample_with_past(prefix3,steps10)"])
+    g = torch.Generator().manual_seed(17)
+    out = m.generate(idx[:, :3], 10, top_k=5, top_p=0.9, generator=g)
+    assert torch.equal(out, d["sampled_with_past(seed17,top_k5,top_p0.9)"])
+
+
+# --- loss, pkeep, conditioning ---------------------------------------------------------------
+
+def test_gpt_loss_hand_computed():
+    K, n_cond = 4, 2
+    seq = torch.tensor([[4, 5, 1, 3, 0]])  # 2 cond tokens, 3 image tokens
+    logits = torch.randn(1, 4, K)
+    # position t predicts seq[t + 1]; image targets 1, 3, 0 are predicted at positions 1, 2, 3
+    logp = F.log_softmax(logits, -1)[0]
+    hand = -(logp[1, 1] + logp[2, 3] + logp[3, 0]) / 3
+    torch.testing.assert_close(gpt_loss(logits, seq, n_cond), hand)
+    # position 0 would predict the 2nd conditioning token: it is not a target
+    logits2 = logits.clone()
+    logits2[:, 0] = torch.randn(K) * 10
+    assert torch.equal(gpt_loss(logits2, seq, n_cond), gpt_loss(logits, seq, n_cond))
+    logits2[:, 1, 0] += 5.0  # the last conditioning position predicts the first image token
+    assert not torch.equal(gpt_loss(logits2, seq, n_cond), gpt_loss(logits, seq, n_cond))
+    with pytest.raises(ValueError):
+        gpt_loss(logits[:, :3], seq, n_cond)
+
+
+def test_corrupt_tokens_fraction():
+    K, pkeep = 8, 0.7
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, K, (200, 500), generator=g)
+    out = corrupt_tokens(tokens, pkeep, K, generator=g)
+    changed = (out != tokens).float().mean().item()
+    expected = (1 - pkeep) * (1 - 1 / K)  # a random code equals the old one 1/K of the time
+    assert abs(changed - expected) < 0.005
+    assert out.min() >= 0 and out.max() < K and out.dtype == tokens.dtype
+    assert torch.equal(corrupt_tokens(tokens, 1.0, K, generator=g), tokens)
+    assert (corrupt_tokens(tokens, 0.0, K, generator=g) != tokens).float().mean() > 0.85
+    assert torch.equal(tokens, torch.randint(0, K, (200, 500), generator=torch.Generator().manual_seed(0)))
+
+
+def test_cond_tokens():
+    m = tiny_gpt(n_codes=16)
+    assert torch.equal(cond_tokens(m, None, 3, "cpu"), torch.full((3, 1), 16))
+    mc = tiny_gpt(n_codes=16, n_cond_tokens=3)
+    assert torch.equal(cond_tokens(mc, [0, 2, 1], 3, "cpu"), torch.tensor([[16], [18], [17]]))
+    assert torch.equal(cond_tokens(mc, 1, 2, "cpu"), torch.tensor([[17], [17]]))
+    with pytest.raises(ValueError, match="out of range"):
+        cond_tokens(mc, [0, 3], 2, "cpu")
+    with pytest.raises(ValueError, match="out of range"):
+        cond_tokens(mc, -1, 2, "cpu")
+    with pytest.raises(ValueError, match="needs labels"):
+        cond_tokens(mc, None, 2, "cpu")
+    with pytest.raises(ValueError):
+        cond_tokens(mc, [0, 1], 3, "cpu")
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+def kept(filtered):
+    return [torch.nonzero(r > float("-inf")).flatten().tolist() for r in filtered]
+
+
+def test_top_k_filter():
+    logits = torch.tensor([[1.0, 5.0, 3.0, -2.0, 4.0],
+                           [0.0, 0.0, 9.0, 1.0, 0.5]])
+    out = top_k_filter(logits, 2)
+    assert kept(out) == [[1, 4], [2, 3]]
+    assert out[0, 1] == 5.0 and out[0, 4] == 4.0  # kept values are unchanged
+    assert kept(top_k_filter(logits, 1)) == [[1], [2]]
+    assert kept(top_k_filter(logits, 10)) == [[0, 1, 2, 3, 4]] * 2  # k > V: no-op
+    # boundary: ties with the k-th largest are all kept
+    assert kept(top_k_filter(torch.tensor([[3.0, 1.0, 3.0, 2.0, 2.0]]), 2)) == [[0, 2]]
+    assert kept(top_k_filter(torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0]]), 2)) == [[0, 2, 3]]
+
+
+def test_top_p_filter():
+    probs = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.05]])
+    logits = probs.log()
+    assert kept(top_p_filter(logits, 0.01)) == [[1]]  # the top token is always kept
+    assert kept(top_p_filter(logits, 0.5 - 1e-4)) == [[1]]
+    assert kept(top_p_filter(logits, 0.5 + 1e-4)) == [[1, 3]]
+    assert kept(top_p_filter(logits, 0.8 - 1e-4)) == [[1, 3]]  # 0.5 + 0.3 reaches p
+    assert kept(top_p_filter(logits, 0.8 + 1e-4)) == [[0, 1, 3]]
+    assert kept(top_p_filter(logits, 0.92)) == [[0, 1, 2, 3, 4]]  # the 0.05 tie is kept together
+    assert kept(top_p_filter(logits, 1.0)) == [[0, 1, 2, 3, 4]]
+    # ties: four equal logits give exactly 1/4 each; none is strictly more likely than
+    # another, so all are kept even though the top one alone reaches p = 0.25
+    even = torch.tensor([[0.0, 0.0, 0.0, 0.0, float("-inf")]])
+    assert kept(top_p_filter(even, 0.25)) == [[0, 1, 2, 3]]
+    # two tied pairs: [0.4, 0.4, 0.1, 0.1]; p = 0.5 needs both 0.4s, not the 0.1s
+    pairs = torch.tensor([[0.4, 0.1, 0.4, 0.1]]).log()
+    assert kept(top_p_filter(pairs, 0.5)) == [[0, 2]]
+    assert kept(top_p_filter(pairs, 0.81)) == [[0, 1, 2, 3]]
+    # a big vocabulary where the nucleus is wider than the first top-64 look
+    wide = torch.zeros(2, 1000)
+    wide[0, :3] = 20.0
+    assert kept(top_p_filter(wide, 0.5)) == [[0, 1, 2], list(range(1000))]
+    row = torch.randn(3, 1000)
+    out = top_p_filter(row, 0.9)
+    pr = F.softmax(row, -1)
+    for r in range(3):  # compare with a full-sort reference
+        s, order = pr[r].sort(descending=True)
+        n = int(((s.cumsum(0) - s) < 0.9).sum())
+        assert set(kept(out[r:r + 1])[0]) == set(order[:n].tolist())
+
+
+def test_greedy_and_temperature():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 10, generator=g)
+    assert torch.equal(sample_logits(logits, greedy=True), logits.argmax(-1))
+    assert torch.equal(sample_logits(logits, temperature=7.0, top_k=3, greedy=True), logits.argmax(-1))
+    row = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(4000, 4)
+
+    def top_freq(t):
+        s = sample_logits(row, temperature=t, generator=torch.Generator().manual_seed(1))
+        return (s == 0).float().mean().item()
+
+    for t in (0.5, 1.0, 3.0):  # frequency of the top token follows softmax(logits / T)
+        assert abs(top_freq(t) - F.softmax(row[0] / t, -1)[0].item()) < 0.03
+    assert top_freq(0.5) > top_freq(1.0) > top_freq(3.0)
+    s = sample_logits(row, top_k=2, generator=torch.Generator().manual_seed(1))
+    assert set(s.tolist()) == {0, 1}
+    with pytest.raises(ValueError):
+        sample_logits(row, temperature=0.0)
+
+
+def test_generate_cached_equals_uncached():
+    m = tiny_gpt(std=0.3)
+    prefix = torch.tensor([[16, 3, 5], [16, 1, 1]])
+    for kw in (dict(), dict(temperature=0.8, top_k=5), dict(top_p=0.9), dict(greedy=True)):
+        a = m.generate(prefix, 20, generator=torch.Generator().manual_seed(3), **kw)
+        b = m.generate(prefix, 20, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+        assert a.shape == (2, 20) and torch.equal(a, b)
+        assert a.min() >= 0 and a.max() < 16
+    c = m.generate(prefix, 30, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(c, m.generate(prefix, 30, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError):
+        m.generate(prefix, 39)  # 3 + 39 - 1 > 40
+
+
+def test_generate_greedy_is_argmax_of_full_forward():
+    m = tiny_gpt(std=0.3)
+    prefix = torch.tensor([[16, 2]])
+    out = m.generate(prefix, 8, greedy=True)
+    seq = torch.cat([prefix, out], 1)
+    assert torch.equal(m(seq[:, :-1])[:, 1:].argmax(-1), out)
+
+
+# --- the sliding window ----------------------------------------------------------------------
+
+def test_window_start():
+    assert [window_start(i, 32, 16) for i in (0, 8, 9, 20, 24, 25, 31)] == [0, 0, 1, 12, 16, 16, 16]
+    assert all(window_start(i, 16, 16) == 0 for i in range(16))
+    assert all(window_start(i, 10, 16) == 0 for i in range(10))
+    for size, win in ((32, 16), (7, 5), (9, 4), (6, 4), (7, 4)):
+        starts = [window_start(i, size, win) for i in range(size)]
+        assert all(s <= i < s + win and 0 <= s <= size - win for i, s in enumerate(starts))
+        assert starts == sorted(starts)
+
+
+def test_sliding_window_equals_generate_on_window_sized_grid():
+    m = tiny_gpt(n_cond_tokens=3, std=0.3)
+    cond = cond_tokens(m, [0, 2], 2, "cpu")
+    calls = []
+    m.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[1]))
+    a = sample_sliding_window(m, cond, 4, 5, 4, 5, top_k=8, generator=torch.Generator().manual_seed(5))
+    assert sum(calls) == 1 + 4 * 5 - 1  # one prefill of the cond token, then single tokens
+    b = m.generate(cond, 20, top_k=8, generator=torch.Generator().manual_seed(5))
+    assert a.shape == (2, 4, 5) and torch.equal(a.reshape(2, 20), b)
+
+
+def naive_sliding_window(m, cond, h, w, wh, ww, generator):
+    """Reference: one full uncached window forward per token."""
+    B, n_cond = cond.shape
+    grid = torch.zeros(B, h, w, dtype=torch.long)
+    for i in range(h):
+        for j in range(w):
+            r0, c0 = window_start(i, h, wh), window_start(j, w, ww)
+            window = grid[:, r0:r0 + wh, c0:c0 + ww].reshape(B, -1)
+            logits = m(torch.cat([cond, window], 1))
+            pos = n_cond - 1 + (i - r0) * ww + (j - c0)
+            grid[:, i, j] = sample_logits(logits[:, pos], generator=generator)
+    return grid
+
+
+def test_sliding_window_larger_grid_matches_naive():
+    m = tiny_gpt(n_codes=16, block_size=17, std=0.3)
+    cond = cond_tokens(m, None, 2, "cpu")
+    with torch.no_grad():
+        ref = naive_sliding_window(m, cond, 6, 7, 4, 4, torch.Generator().manual_seed(9))
+    calls = []
+    m.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[1]))
+    out = sample_sliding_window(m, cond, 6, 7, 4, 4, generator=torch.Generator().manual_seed(9))
+    assert out.shape == (2, 6, 7) and out.min() >= 0 and out.max() < 16
+    assert torch.equal(out, ref)
+    assert len(calls) == 42 and sum(calls) < 42 * 16  # cheaper than naive
+    assert calls.count(1) > 0  # the cache is reused along the edge columns
+    # a second model and seed
+    m2 = tiny_gpt(n_codes=16, block_size=17, seed=1, std=0.3)
+    with torch.no_grad():
+        ref2 = naive_sliding_window(m2, cond, 5, 6, 4, 4, torch.Generator().manual_seed(2))
+    out2 = sample_sliding_window(m2, cond, 5, 6, 4, 4, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(out2, ref2)
+    # a grid smaller than the window: the window shrinks to the grid, i.e. plain generate
+    small = sample_sliding_window(m2, cond, 2, 3, 4, 4, generator=torch.Generator().manual_seed(2), progress=True)
+    assert torch.equal(small.reshape(2, 6), m2.generate(cond, 6, generator=torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match="block_size"):
+        sample_sliding_window(m, cond, 8, 8, 5, 5)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+def test_optimizer_groups():
+    m = tiny_gpt()
+    opt = m.configure_optimizer(1e-3)
+    decay, no_decay = opt.param_groups
+    linear_w = {id(mod.weight) for mod in m.modules() if isinstance(mod, nn.Linear)}
+    assert {id(p) for p in decay["params"]} == linear_w and len(linear_w) == 2 * 4 + 1
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in m.parameters()} - linear_w
+    assert id(m.pos_emb) in {id(p) for p in no_decay["params"]}
+    assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_training_lowers_loss():
+    torch.manual_seed(0)
+    m = GPT(n_codes=8, block_size=10, n_layer=2, n_head=2, n_embd=32, n_cond_tokens=2).train()
+    labels = torch.tensor([0, 1, 0, 1])
+    # two "images" of 9 tokens, one per class: after training the label decides the image
+    images = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0, 1], [7, 7, 0, 0, 7, 7, 0, 0, 7]])[labels]
+    seq = torch.cat([cond_tokens(m, labels, 4, "cpu"), images], 1)
+    opt = m.configure_optimizer(3e-3)
+    losses = []
+    for _ in range(60):
+        loss = gpt_loss(m(seq[:, :-1]), seq, n_cond=1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 1.9 and losses[-1] < 0.3 * losses[0]
+
+
 # =============================================================================
 # Stage 2 scripts: the token cache (train_gpt.py) and sampling end to end (sample.py)
 
@@ -883,7 +1249,7 @@ def test_sample_errors_are_one_clear_line(tiny_runs, tmp_path):
     other_vqgan = tmp_path / "k32" / "ckpt.pt"
     train_vqgan.train(tiny_train_config(tmp_path / "k32", max_steps=1, n_codes=32, disc_start=10))
     for overrides, words in [(dict(class_label=3), "--class_label=3 is out of range (this model knows 0 = circle"),
-                             (dict(width=20), "not a multiple of the VQGAN's downsampling factor f=2"),
+                             (dict(width=21), "not a multiple of the VQGAN's downsampling factor f=2"),
                              (dict(height=8), "smaller than the training size"),
                              (dict(gpt_ckpt=gpt_config["vqgan_ckpt"]), "is a vqgan checkpoint, not a gpt checkpoint"),
                              (dict(vqgan_ckpt=str(other_vqgan)), "has 32 codes but the GPT"),
