@@ -30,6 +30,10 @@ from vqgan import (PAPER_CONFIG, VQGAN, Discriminator, VectorQuantizer, adaptive
                    codebook_usage, commitment_loss, count_parameters, hinge_d_loss, hinge_g_loss, nearest_code,
                    straight_through)
 
+# The official implementation's outputs for small random models (a 190 KB part of
+# shared/reference/official_small.pt: CompVis/taming-transformers @3ba01b2, fp32 on the CPU).
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_small_fixture.pt")
+
 
 # =============================================================================
 # Stage 1: the VQGAN (vqgan.py) and its training script (train_vqgan.py)
@@ -295,11 +299,6 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save({"kind": "vqgan", "evil": copy.deepcopy}, tmp_path / "code.pt")  # pickles a function
     with pytest.raises(SystemExit, match="load safely"):
         train_vqgan.load_checkpoint(str(tmp_path / "code.pt"), "vqgan")
-
-
-# The official implementation's outputs on the same inputs (official_small_fixture.pt, a part of
-# shared/reference/official_small.pt: CompVis/taming-transformers @3ba01b2, fp32 CPU).
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_small_fixture.pt")
 
 
 def test_quantizer_matches_the_official_one():
@@ -821,9 +820,6 @@ def test_lpips_finds_weights_in_installed_lpips_package_without_importing_it(tmp
     assert "lpips" not in sys.modules
 
 
-OFFICIAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_small_fixture.pt")
-
-
 def tiny_gpt(n_codes=16, block_size=40, n_cond_tokens=1, seed=0, std=None):
     """A tiny GPT. std rescales every weight so the random model is strongly context
     dependent (with the 0.02 init its predictions barely depend on the input, which would let
@@ -894,7 +890,7 @@ def test_kv_cache_matches_full_forward():
 def test_matches_official_mingpt():
     """Load the official minGPT weights (separate query/key/value fused into qkv) and compare
     against the official logits and samples recorded in official_small.pt."""
-    d = torch.load(OFFICIAL, weights_only=True)["gpt"]
+    d = torch.load(FIXTURE, weights_only=True)["gpt"]
     c, sd = d["config"], d["state_dict"]
     m = GPT(c["vocab_size"], c["block_size"], c["n_layer"], c["n_head"], c["n_embd"])
     new = {}

@@ -29,6 +29,7 @@ import torchvision.transforms as T
 from PIL import Image
 from tqdm import tqdm
 
+from lpips_lite import LPIPS, LPIPSWeightsUnavailable
 from vqgan import (VQGAN, Discriminator, PAPER_CONFIG, adaptive_weight, codebook_usage, hinge_d_loss,
                    hinge_g_loss)
 
@@ -486,7 +487,6 @@ def step_batches(dataset, batch_size, seed, start_step, num_workers):
 
 
 def build_lpips(config, device):
-    from lpips_lite import LPIPS, LPIPSWeightsUnavailable
     try:
         return LPIPS(pretrained=config["lpips_pretrained"], lin_weights=config["lpips_weights"] or None).to(device)
     except (LPIPSWeightsUnavailable, ValueError, FileNotFoundError) as e:
