@@ -19,8 +19,6 @@ the official configs use 0), with one fused qkv Linear and a preallocated key/va
 fast sampling. Sampling (temperature, top-k, top-p) and the sliding window for grids larger
 than the model (Sec. 3.2, Fig. 3) are at the bottom.
 """
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -336,7 +334,7 @@ def sample_sliding_window(model, cond, h, w, window_h, window_w, temperature=1.0
         raise ValueError(f"{n_cond} cond + {window_h}x{window_w} window tokens exceed block_size {model.block_size}")
     grid = torch.zeros(B, h, w, dtype=torch.long, device=cond.device)
     cache = model.new_kv_cache(B)
-    prev = None  # (window row, window col, local index) of the previous position
+    prev, tok = None, None  # (window row, window col, local index) and token of the previous position
     with tqdm(total=h * w, disable=not progress, unit="tok") as bar:
         for i in range(h):
             r0 = window_start(i, h, window_h)

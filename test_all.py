@@ -256,6 +256,11 @@ def test_checkpoint_resume_gives_the_same_next_steps(tmp_path):
     assert (tmp_path / "split" / "recon_000004.png").exists()
     rows = (tmp_path / "split" / "log.csv").read_text().splitlines()
     assert rows[0].startswith("step,") and len(rows) == 3  # header + steps 2 and 4
+    # from the shell: the saved config comes back; a flag that would change the model is refused
+    resumed = train_vqgan.resolve_config(dict(out_dir=str(tmp_path / "split"), resume=True, ch_mult=(1, 2), max_steps=6))
+    assert resumed["n_codes"] == 16 and resumed["max_steps"] == 6
+    with pytest.raises(SystemExit, match="--resume with a different ch_mult"):
+        train_vqgan.resolve_config(dict(out_dir=str(tmp_path / "split"), resume=True, ch_mult=(1, 2, 2)))
 
 
 def test_bad_flags_give_one_clear_line():

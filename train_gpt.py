@@ -22,8 +22,9 @@ import torch
 from tqdm import tqdm
 
 from gpt import GPT, cond_tokens, corrupt_tokens, gpt_loss
-from train_vqgan import (SHAPE_NAMES, append_log, autocast, load_checkpoint, make_datasets, parse_overrides,
-                         pick_device, pick_dtype, save_checkpoint, save_image_grid, vqgan_from_checkpoint)
+from train_vqgan import (SHAPE_NAMES, append_log, autocast, config_to_resume, load_checkpoint, make_datasets,
+                         parse_overrides, pick_device, pick_dtype, save_checkpoint, save_image_grid,
+                         vqgan_from_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Hyperparameters, each overridable as --name=value. The defaults train on the built-in shapes
@@ -193,13 +194,7 @@ def sample_grid(model, vqgan, grid_hw, config, num_classes, device, path, seed):
 def resolve_config(overrides):
     config = dict(CONFIG)
     if overrides.get("resume", False):
-        path = os.path.join(overrides.get("out_dir", config["out_dir"]), "ckpt.pt")
-        saved = load_checkpoint(path, "gpt")["config"]
-        changed = [k for k in MODEL_KEYS if k in overrides and overrides[k] != saved[k]]
-        if changed:
-            raise SystemExit(f"error: --resume with a different {', '.join(changed)} than the checkpoint "
-                             f"(drop those flags, or train a new model with another --out_dir)")
-        config.update(saved)
+        config.update(config_to_resume(overrides, overrides.get("out_dir", config["out_dir"]), "gpt", MODEL_KEYS))
     config.update(overrides)
     if config["conditional"] not in ("none", "class"):
         raise SystemExit(f"error: --conditional={config['conditional']} is not one of none, class")

@@ -49,7 +49,7 @@ CONFIG = dict(
     num_res_blocks=1,         # ResnetBlocks per level in the encoder (the decoder has one more)
     attn_resolutions=(8,),    # feature-map sizes that get a self-attention block
     z_channels=64,            # encoder output channels
-    embed_dim=64,             # n_z: dimension of each codebook vector
+    embed_dim=8,              # n_z: dimension of each codebook vector (small: codes are used more evenly)
     n_codes=256,              # K: codebook size = the GPT's vocabulary of image tokens
     beta=0.25,                # commitment weight of Eq. (4)
     # loss
@@ -57,13 +57,14 @@ CONFIG = dict(
                               # on flat synthetic shapes L1 alone already gives sharp edges. 1.0 for photos.
     lpips_pretrained=True,    # False: random VGG features (works offline, but a much weaker perceptual loss)
     lpips_weights="",         # path to an LPIPS vgg.pth with the learned 1x1 weights ('' = find or use ones)
-    disc_start=1000,          # step at which the discriminator starts; before it, D neither trains nor runs
-    disc_weight=0.8,          # multiplies the adaptive lambda of Eq. (7) (official configs: 0.8)
+    disc_start=1400,          # step at which the discriminator starts; before it, D neither trains nor runs
+    disc_weight=0.1,          # multiplies the adaptive lambda of Eq. (7). Official configs: 0.8, next to LPIPS;
+                              # with L1 alone on shapes, 0.8 lets D trade ~3 dB of PSNR for texture in minutes
     disc_ndf=32,              # discriminator base width (paper 64; 32 is plenty for 32x32 shapes)
     disc_layers=3,            # stride-2 conv blocks in D (paper 3); needs image_size >= 3 * 2^disc_layers
     # optimisation
     batch_size=16,
-    max_steps=1500,           # total generator steps
+    max_steps=1800,           # total generator steps (about 5 minutes on a 2-core CPU)
     lr=1e-3,                  # Adam learning rate for both G and D (paper: 4.5e-6 x batch size, for 256x256)
     # logging and checkpoints
     out_dir="out/vqgan",
@@ -189,6 +190,17 @@ def load_checkpoint(path, kind):
         found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"error: {path} is a {found} checkpoint, not a {kind} checkpoint (check the path)")
     return ckpt
+
+
+def config_to_resume(overrides, out_dir, kind, model_keys):
+    """The config saved in out_dir/ckpt.pt, after checking that no flag changes the model's shape."""
+    saved = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), kind)["config"]
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # checkpoints store tuples as lists
+    changed = [k for k in model_keys if k in overrides and plain(overrides[k]) != saved[k]]
+    if changed:
+        raise SystemExit(f"error: --resume with a different {', '.join(changed)} than the checkpoint "
+                         f"(drop those flags, or train a new model with another --out_dir)")
+    return saved
 
 
 def vqgan_from_checkpoint(ckpt):
@@ -552,7 +564,7 @@ def evaluate(model, lpips, val_set, config, device, dtype):
         x = batch[0].to(device)
         with autocast(device, dtype):
             x_hat, indices, _ = model(x)
-        x_hat = x_hat.float()
+        x_hat = x_hat.float().clamp(-1, 1)  # measure the image a person sees (the PNG is clamped too)
         l1.append((x - x_hat).abs().flatten(1).mean(1))
         ps.append(psnr(x, x_hat))
         if lpips is not None:
@@ -585,13 +597,7 @@ def resolve_config(overrides):
     if preset == "paper":
         config.update({k: tuple(v) if isinstance(v, list) else v for k, v in PAPER_PRESET.items() if k in config})
     if overrides.get("resume", False):
-        ckpt_path = os.path.join(overrides.get("out_dir", config["out_dir"]), "ckpt.pt")
-        saved = load_checkpoint(ckpt_path, "vqgan")["config"]
-        changed = [k for k in MODEL_KEYS if k in overrides and overrides[k] != saved[k]]
-        if changed:
-            raise SystemExit(f"error: --resume with a different {', '.join(changed)} than the checkpoint "
-                             f"(drop those flags, or train a new model with another --out_dir)")
-        config.update(saved)
+        config.update(config_to_resume(overrides, overrides.get("out_dir", config["out_dir"]), "vqgan", MODEL_KEYS))
     config.update(overrides)
     if preset == "paper" and "lr" not in overrides and not overrides.get("resume", False):
         config["lr"] = 4.5e-6 * config["batch_size"]  # the paper's lr scaling rule
