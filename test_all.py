@@ -755,7 +755,7 @@ def test_lpips_loads_good_lin_file(tmp_path):
     learned = LPIPS(pretrained=False, lin_weights=path)
     # same random VGG (same seed), so only the lin weights differ
     assert torch.equal(ones.net.slice3.get_submodule("10").weight, learned.net.slice3.get_submodule("10").weight)
-    torch.testing.assert_close(learned.lin2.model[1].weight, torch.load(path)["lin2.model.1.weight"])
+    torch.testing.assert_close(learned.lin2.model[1].weight, torch.load(path, weights_only=True)["lin2.model.1.weight"])
     assert not learned.lin2.model[1].weight.requires_grad
     x, y = _images(n=2, seed=0), _images(n=2, seed=1)
     assert not torch.allclose(ones(x, y), learned(x, y))
