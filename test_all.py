@@ -30,6 +30,10 @@ from vqgan import (PAPER_CONFIG, VQGAN, Discriminator, VectorQuantizer, adaptive
                    codebook_usage, commitment_loss, count_parameters, hinge_d_loss, hinge_g_loss, nearest_code,
                    straight_through)
 
+# The models here are tiny: a second thread buys nothing, and on a busy machine two threads that
+# wait on each other make the suite many times slower.
+torch.set_num_threads(1)
+
 # The official implementation's outputs for small random models (a 190 KB part of
 # shared/reference/official_small.pt: CompVis/taming-transformers @3ba01b2, fp32 on the CPU).
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_small_fixture.pt")
