@@ -353,3 +353,70 @@ def sample_sliding_window(model, cond, h, w, window_h, window_w, temperature=1.0
                 prev = (r0, c0, n)
                 bar.update(1)
     return grid
+
+
+# -----------------------------------------------------------------------------------------
+# The paper's pretrained transformers (CompVis/taming-transformers Net2NetTransformer)
+
+
+def _official_transformer_keys(sd):
+    # A Lightning checkpoint's transformer lives under `transformer.*`, beside the VQGAN
+    # (`first_stage_model.*`) and the conditioning stage; a bare minGPT state dict has no prefix.
+    sd = sd.get("state_dict", sd)
+    if any(k.startswith("transformer.") for k in sd):
+        return {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
+    return dict(sd)
+
+
+def _fuse_attention(sd):
+    """Official separate query/key/value Linears -> our fused qkv (stacked q, k, v, the order
+    CausalSelfAttention splits them in); the official attn.mask buffers (a fixed causal mask)
+    are dropped: SDPA builds the mask itself."""
+    out = {}
+    for k, v in sd.items():
+        if ".attn.query." in k:
+            parts = [sd.get(k.replace(".query.", f".{name}.")) for name in ("query", "key", "value")]
+            if any(p is None for p in parts):
+                raise ValueError(f"official GPT state dict has {k} but not its key/value partners")
+            out[k.replace(".query.", ".qkv.")] = torch.cat(parts)
+        elif not any(s in k for s in (".attn.key.", ".attn.value.", ".attn.mask")):
+            out[k] = v
+    return out
+
+
+def load_official_gpt(sd, cond="sos", n_classes=0, n_head=16):
+    """Official transformer state dict (or Lightning checkpoint dict) -> GPT computing the same
+    logits. n_layer, n_embd, the vocabulary and block_size come from the tensor shapes; n_head
+    does not (it only splits n_embd, no tensor shows it): give the config's value (16, the
+    paper's, in every official transformer config).
+
+    The official code feeds the start token as code 0 (cond="sos") or class c as code c
+    (cond="class") through the image-code embedding table; our conditioning tokens have ids
+    K.. of their own, so their rows are copies of those official rows."""
+    if cond not in ("sos", "class"):
+        raise ValueError(f"cond must be 'sos' or 'class', got {cond!r}")
+    sd = _official_transformer_keys(sd)
+    for key in ("tok_emb.weight", "pos_emb"):
+        if key not in sd:
+            raise ValueError(f"not an official GPT state dict: no tensor {key!r}")
+    vocab, n_embd = sd["tok_emb.weight"].shape
+    n_cond = 1 if cond == "sos" else n_classes
+    if cond == "class" and not 1 <= n_classes <= vocab:
+        raise ValueError(f"cond='class' needs 1 <= n_classes <= {vocab} (the official labels are codes), got {n_classes}")
+    sd = _fuse_attention(sd)
+    sd["tok_emb.weight"] = torch.cat([sd["tok_emb.weight"], sd["tok_emb.weight"][:n_cond]])
+    n_layer = 0
+    while f"blocks.{n_layer}.ln1.weight" in sd:
+        n_layer += 1
+    if n_embd % n_head:
+        raise ValueError(f"n_head={n_head} does not divide n_embd={n_embd} (give the config's n_head)")
+    with torch.device("meta"):  # no random init of a paper-size model; the weights are assigned
+        model = GPT(vocab, sd["pos_emb"].shape[1], n_layer, n_head, n_embd, n_cond_tokens=n_cond)
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    wrong = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"GPT state dict does not match the official layout (missing: {missing[:5]}, "
+                         f"unexpected: {unexpected[:5]}, wrong shape: {wrong[:5]})")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model

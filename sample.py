@@ -7,6 +7,8 @@ then decode it with the VQGAN in one pass.
     python sample.py --class_label=2                   # class-conditional models: one class
     python sample.py --width=96                        # wider than trained: the sliding window
     python sample.py --complete=photo.png              # keep the top half, sample the rest
+    python sample.py --reconstruct=photo.png --vqgan_ckpt=last.ckpt
+                                                       # image | VQGAN reconstruction, PSNR (own or official VQGAN)
 
 When the requested size's token grid is larger than the grid the GPT was trained on, every
 token is sampled from a window of the trained size placed around it (the paper's sliding
@@ -20,8 +22,9 @@ import sys
 import torch
 
 from gpt import GPT, cond_tokens, sample_sliding_window
-from train_vqgan import (image_transform, open_rgb, load_checkpoint, parse_overrides, pick_device, save_image_grid,
-                         vqgan_from_checkpoint)
+from train_vqgan import (image_transform, load_checkpoint, load_checkpoint_file, official_state_dict, open_rgb,
+                         parse_overrides, pick_device, psnr, save_image_grid, vqgan_from_checkpoint)
+from vqgan import load_official_vqgan
 
 CONFIG = dict(
     gpt_ckpt="out/gpt/ckpt.pt",   # a checkpoint written by train_gpt.py
@@ -34,6 +37,8 @@ CONFIG = dict(
     height=0,                     # output height in pixels (0 = the training size); a multiple of the VQGAN's f
     width=0,                      # output width in pixels (0 = the training size)
     complete="",                  # an image file: keep its top half of tokens and sample the bottom half
+    reconstruct="",               # an image file: write it beside its VQGAN reconstruction (needs --vqgan_ckpt)
+    image_size=0,                 # --reconstruct: resize + centre-crop to this (0 = the VQGAN's training size; 256 official)
     out="out/samples.png",        # where the PNG grid goes
     device="auto",                # auto = cuda, then mps, then cpu
     seed=0,
@@ -111,8 +116,50 @@ def complete_image(model, vqgan, gpt_ckpt, config, device):
     return torch.cat([x, vqgan.decode_indices(tokens), vqgan.decode_indices(completed)]), n + 2
 
 
+def load_any_vqgan(path):
+    """(VQGAN, training image size) from this project's checkpoint or an official one."""
+    ckpt = load_checkpoint_file(path)
+    if isinstance(ckpt, dict) and "kind" in ckpt:  # ours: written by train_vqgan.py
+        if ckpt["kind"] != "vqgan":
+            raise SystemExit(f"error: {path} is a {ckpt['kind']} checkpoint, not a vqgan checkpoint (check the path)")
+        return vqgan_from_checkpoint(ckpt), ckpt["config"]["image_size"]
+    try:
+        vqgan, _ = load_official_vqgan(official_state_dict(ckpt, path))
+    except ValueError as e:
+        raise SystemExit(f"error: {path}: {e}") from None
+    return vqgan, 256  # every official VQGAN was trained on 256x256 crops
+
+
+@torch.no_grad()
+def reconstruct(config):
+    """Encode and decode one image; write [image, reconstruction] and print PSNR and the grid."""
+    if not config["vqgan_ckpt"]:
+        raise SystemExit("error: --reconstruct needs --vqgan_ckpt=CKPT (this project's or an official last.ckpt)")
+    if not os.path.isfile(config["reconstruct"]):
+        raise SystemExit(f"error: --reconstruct={config['reconstruct']}: no such file (give an image file)")
+    device = pick_device(config["device"])
+    vqgan, trained_size = load_any_vqgan(config["vqgan_ckpt"])
+    vqgan = vqgan.to(device).eval()
+    size, f = config["image_size"] or trained_size, vqgan.downsample_factor
+    if size <= 0 or size % f:
+        raise SystemExit(f"error: --image_size={size} is not a positive multiple of the VQGAN's f={f} "
+                         f"(try {max(f, size // f * f)})")
+    try:
+        image = image_transform(size, train=False)(open_rgb(config["reconstruct"]))
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for unreadable files
+        raise SystemExit(f"error: --reconstruct={config['reconstruct']} could not be read as an image ({e})") from None
+    x = image[None].to(device)
+    x_hat, indices, _ = vqgan(x)
+    path = save_image_grid(torch.cat([x, x_hat]), config["out"], nrow=2)
+    h, w = indices.shape[1:]
+    print(f"PSNR {psnr(x, x_hat).item():.2f} dB, {h}x{w} tokens of {vqgan.n_codes} codes; wrote {path}")
+    return path
+
+
 @torch.no_grad()
 def sample(config):
+    if config["reconstruct"]:
+        return reconstruct(config)
     device = pick_device(config["device"])
     model, vqgan, gpt_ckpt = load_models(config, device)
     if config["num_samples"] <= 0 or config["temperature"] <= 0 or not 0 < config["top_p"] <= 1 or config["top_k"] < 0:

@@ -21,14 +21,14 @@ import lpips_lite
 import sample
 import train_gpt
 import train_vqgan
-from gpt import (GPT, KVCache, cond_tokens, corrupt_tokens, gpt_loss, sample_logits, sample_sliding_window,
+from gpt import (GPT, KVCache, cond_tokens, corrupt_tokens, gpt_loss, load_official_gpt, sample_logits, sample_sliding_window,
                  top_k_filter, top_p_filter, window_start)
 from lpips_lite import LPIPS, LPIPSWeightsUnavailable
 from train_vqgan import (PALETTE, SHAPE_NAMES, ImageFileDataset, ShapesDataset, TorchvisionImages,
                          discriminator_step, find_images, make_datasets, save_image_grid, split_files)
 from vqgan import (PAPER_CONFIG, VQGAN, Discriminator, VectorQuantizer, adaptive_weight, codebook_loss,
-                   codebook_usage, commitment_loss, count_parameters, hinge_d_loss, hinge_g_loss, nearest_code,
-                   straight_through)
+                   codebook_usage, commitment_loss, count_parameters, hinge_d_loss, hinge_g_loss, load_official_vqgan,
+                   nearest_code, straight_through, vqgan_config_from_state_dict)
 
 # The models here are tiny: a second thread buys nothing, and on a busy machine two threads that
 # wait on each other make the suite many times slower.
@@ -897,27 +897,36 @@ def test_kv_cache_matches_full_forward():
 
 
 def test_matches_official_mingpt():
-    """Load the official minGPT weights (separate query/key/value fused into qkv) and compare
-    against the official logits and samples recorded in official_small.pt."""
+    """Load the official minGPT weights with load_official_gpt (separate query/key/value fused
+    into qkv) and compare against the official logits and samples recorded in official_small.pt."""
     d = torch.load(FIXTURE, weights_only=True)["gpt"]
     c, sd = d["config"], d["state_dict"]
-    m = GPT(c["vocab_size"], c["block_size"], c["n_layer"], c["n_head"], c["n_embd"])
-    new = {}
-    for k, v in sd.items():
-        if ".attn.query." in k:
-            new[k.replace("query", "qkv")] = torch.cat(
-                [v, sd[k.replace("query", "key")], sd[k.replace("query", "value")]])
-        elif not any(s in k for s in (".attn.key.", ".attn.value.", ".attn.mask")):
-            new[k] = v
-    # our start token (id K) gets a row of its own; the official one is code 0, not used here
-    new["tok_emb.weight"] = torch.cat([sd["tok_emb.weight"], sd["tok_emb.weight"][:1]])
-    m.load_state_dict(new)
+    # the fixture is a bare minGPT state dict; a Lightning file nests it under transformer.*
+    lightning = {"state_dict": {"transformer." + k: v for k, v in sd.items()}, "first_stage_model.x": 0}
+    m = load_official_gpt(lightning, cond="sos", n_head=c["n_head"])
+    assert m.config == dict(n_codes=c["vocab_size"], block_size=c["block_size"], n_layer=c["n_layer"],
+                            n_head=c["n_head"], n_embd=c["n_embd"], n_cond_tokens=1)
+    # our start token (id K) gets a copy of the official start token's row (code 0)
+    assert torch.equal(m.tok_emb.weight[c["vocab_size"]], sd["tok_emb.weight"][0])
     idx = d["idx"]
     torch.testing.assert_close(m(idx[:, :-1]), d["logits"], atol=1e-5, rtol=1e-5)
     assert torch.equal(m.generate(idx[:, :3], 10, greedy=True), d["greedy_sample_with_past(prefix3,steps10)"])
     g = torch.Generator().manual_seed(17)
     out = m.generate(idx[:, :3], 10, top_k=5, top_p=0.9, generator=g)
     assert torch.equal(out, d["sampled_with_past(seed17,top_k5,top_p0.9)"])
+    # Conditioning: our id K (start) / K + c (class c) must give the logits the official model
+    # gives for code 0 / code c in that position (m itself matches the official logits above).
+    K, official = c["vocab_size"], idx[:, :-1].clone()
+    ours = official.clone()
+    official[:, 0], ours[:, 0] = 0, K
+    torch.testing.assert_close(m(ours), m(official), atol=1e-5, rtol=1e-5)
+    m_class = load_official_gpt(sd, cond="class", n_classes=3, n_head=c["n_head"])
+    official[:, 0], ours[:, 0] = 2, K + 2
+    torch.testing.assert_close(m_class(ours), m(official), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="n_classes"):
+        load_official_gpt(sd, cond="class", n_classes=0, n_head=c["n_head"])
+    with pytest.raises(ValueError, match="blocks.1.attn.proj.bias"):
+        load_official_gpt({k: v for k, v in sd.items() if k != "blocks.1.attn.proj.bias"}, n_head=c["n_head"])
 
 
 # --- loss, pkeep, conditioning ---------------------------------------------------------------
@@ -1272,3 +1281,142 @@ def test_gpt_flags_are_checked():
         train_gpt.resolve_config(dict(n_embd=30, n_head=4))
     with pytest.raises(SystemExit, match="no checkpoint at"):
         train_gpt.train(dict(train_gpt.CONFIG, vqgan_ckpt="/nonexistent/ckpt.pt", device="cpu"))
+
+
+# =============================================================================
+# The paper's pretrained checkpoints (official CompVis/taming-transformers layout)
+
+
+def official_layout(model, disc):
+    """A Lightning-style checkpoint dict of our models under the official key names."""
+    sd = dict(model.state_dict())
+    sd.update({"loss.discriminator." + k: v for k, v in disc.state_dict().items()})
+    sd["loss.perceptual_loss.scaling_layer.shift"] = torch.zeros(1, 3, 1, 1)  # ignored: our own LPIPS
+    return {"state_dict": sd}
+
+
+def test_vqgan_config_is_inferred_from_shapes_alone():
+    with torch.device("meta"):  # shapes only, no memory
+        sd = VQGAN(**PAPER_CONFIG).state_dict()
+    assert vqgan_config_from_state_dict(sd) == dict(PAPER_CONFIG, in_channels=3, out_channels=3)
+    with torch.device("meta"):  # attention at two levels, 3 res blocks, f=8
+        sd = VQGAN(ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=3, attn_resolutions=(64, 32), resolution=128,
+                   z_channels=4, embed_dim=3, n_codes=512).state_dict()
+    cfg = vqgan_config_from_state_dict(sd)
+    # the same attention levels (1 and 2) expressed at the official resolution 256
+    assert (cfg["ch_mult"], cfg["num_res_blocks"], cfg["attn_resolutions"], cfg["resolution"]) == \
+        ((1, 2, 2, 4), 3, (128, 64), 256)
+    # ... which builds the identical network
+    with torch.device("meta"):
+        assert {k: v.shape for k, v in VQGAN(**cfg).state_dict().items()} == {k: v.shape for k, v in sd.items()}
+    assert (cfg["z_channels"], cfg["embed_dim"], cfg["n_codes"]) == (4, 3, 512)
+
+
+def test_load_official_vqgan_round_trips_model_and_discriminator():
+    torch.manual_seed(0)
+    model, disc = tiny_vqgan().eval(), Discriminator(ndf=8, n_layers=2).eval()
+    with torch.no_grad():  # non-default BatchNorm statistics, so that the buffers are checked too
+        for m in disc.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    loaded, loaded_disc = load_official_vqgan(official_layout(model, disc))
+    assert loaded_disc.config == disc.config
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        x_hat, idx, _ = model(x)
+        y_hat, idy, _ = loaded.eval()(x)
+        assert torch.equal(idx, idy) and torch.equal(x_hat, y_hat)
+        assert torch.equal(disc(x), loaded_disc.eval()(x))
+    # without loss.discriminator.* there is no discriminator
+    assert load_official_vqgan(model.state_dict())[1] is None
+
+
+def test_load_official_vqgan_names_missing_and_unexpected_keys():
+    model, disc = tiny_vqgan(), Discriminator(ndf=8, n_layers=2)
+    sd = official_layout(model, disc)["state_dict"]
+    missing = {k: v for k, v in sd.items() if k != "decoder.up.1.block.0.conv2.bias"}
+    with pytest.raises(ValueError, match=r"missing: decoder\.up\.1\.block\.0\.conv2\.bias"):
+        load_official_vqgan(missing)
+    with pytest.raises(ValueError, match=r"unexpected: quantize\.extra"):
+        load_official_vqgan(dict(sd, **{"quantize.extra": torch.zeros(1)}))
+    with pytest.raises(ValueError, match=r"loss\.discriminator.*unexpected: main\.9\.weight"):
+        load_official_vqgan(dict(sd, **{"loss.discriminator.main.9.weight": torch.zeros(1)}))
+    with pytest.raises(ValueError, match="no tensor 'quantize.embedding.weight'"):
+        load_official_vqgan({k: v for k, v in sd.items() if not k.startswith("quantize.")})
+
+
+class PickledCallback:
+    """A Python object beside the state dict, like the Lightning callbacks in official files."""
+
+    def __init__(self):
+        self.best_score = 1.5
+
+
+class RunsACommand:
+    """What a malicious checkpoint pickles: unpickling it for real would call os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_official_checkpoints_load_safely_with_inert_stand_ins(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+    sd = tiny_vqgan().state_dict()
+    path = str(tmp_path / "last.ckpt")
+    marker = tmp_path / "code_ran"
+    # a Lightning class from a package that is not installed here, a plain object, and a payload
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    cls = type("ModelCheckpoint", (), {"__module__": "pytorch_lightning.callbacks"})
+    sys.modules["pytorch_lightning.callbacks"].ModelCheckpoint = cls
+    torch.save({"state_dict": sd, "callbacks": {cls: {"best": 1}}, "cb": PickledCallback()}, path)
+    monkeypatch.delitem(sys.modules, "pytorch_lightning.callbacks")
+    monkeypatch.delitem(sys.modules, "pytorch_lightning")
+    loaded = train_vqgan.load_official_state_dict(path)
+    assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    note = capsys.readouterr().out
+    assert "inert stand-ins" in note and "\n" not in note.strip()
+    ckpt = train_vqgan.load_checkpoint_file(path)
+    assert isinstance(ckpt["cb"], train_vqgan.Inert) and not hasattr(ckpt["cb"], "best_score")
+    # a file whose unpickling would run a command is refused, and the command never runs
+    torch.save({"state_dict": sd, "evil": RunsACommand(marker)}, path)
+    with pytest.raises(SystemExit, match="could not be loaded safely.*system"):
+        train_vqgan.load_checkpoint_file(path)
+    assert not marker.exists()
+    # a plain state dict (no Python objects) loads silently
+    capsys.readouterr()
+    torch.save({"state_dict": sd}, path)
+    assert train_vqgan.load_official_state_dict(path).keys() == sd.keys()
+    assert capsys.readouterr().out == ""
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="could not be loaded safely"):
+        train_vqgan.load_official_state_dict(str(tmp_path / "junk.ckpt"))
+
+
+def test_sample_reconstruct_with_own_and_official_checkpoints(tiny_runs, tmp_path, capsys):
+    root, _ = tiny_runs
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), np.uint8)).save(tmp_path / "photo.png")
+    base = dict(sample.CONFIG, reconstruct=str(tmp_path / "photo.png"), device="cpu")
+    # this project's checkpoint: the training size (16) by default, 8x8 tokens at f=2
+    path = sample.sample(dict(base, vqgan_ckpt=str(root / "vqgan" / "ckpt.pt"), out=str(tmp_path / "own.png")))
+    assert Image.open(path).size == (2 + 2 * 18, 2 + 18)  # two 16x16 tiles side by side
+    assert "dB, 8x8 tokens of 16 codes" in capsys.readouterr().out
+    # an official-layout Lightning file with a pickled object beside the state dict
+    official = str(tmp_path / "last.ckpt")
+    torch.save(dict(official_layout(tiny_vqgan(), Discriminator(ndf=8, n_layers=2)), callbacks=PickledCallback()),
+               official)
+    path = sample.sample(dict(base, vqgan_ckpt=official, image_size=32, out=str(tmp_path / "official.png")))
+    assert Image.open(path).size == (2 + 2 * 34, 2 + 34)
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "dB, 16x16 tokens of 16 codes" in out
+    for overrides, words in [(dict(vqgan_ckpt=""), "--reconstruct needs --vqgan_ckpt"),
+                             (dict(vqgan_ckpt=str(root / "gpt" / "ckpt.pt")), "is a gpt checkpoint"),
+                             (dict(vqgan_ckpt=official, image_size=33), "multiple of")]:
+        with pytest.raises(SystemExit) as e:
+            sample.sample(dict(base, **overrides))
+        assert words in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -192,6 +192,69 @@ def load_checkpoint(path, kind):
     return ckpt
 
 
+class Inert:
+    """Stands in for every Python object an official checkpoint pickles around its tensors
+    (Lightning callbacks, OmegaConf configs, ...): it accepts any arguments and state and does
+    nothing with them."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def load_checkpoint_file(path):
+    """torch.load(weights_only=True) that also reads the official Lightning checkpoints.
+
+    Those pickle Lightning and OmegaConf objects beside the state dict, which weights_only=True
+    refuses, and unpickling them for real could run any code the file names. Instead we
+    allow-list exactly the globals the file names, each mapped onto an `Inert` stand-in: the
+    tensors load as usual, the rest become empty shells, and nothing from the file ever runs.
+    (Lightning and OmegaConf need not be installed either.)"""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint at {path} (download or train one first, or give the right path)")
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: torch.load below gives the reason
+        names = []
+    stand_ins = [(type(name.rsplit(".", 1)[-1], (Inert,), {}), name) for name in names]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        # also where torch refuses a stand-in outright (globals from os, subprocess, ... are blocked)
+        raise SystemExit(f"error: {path} could not be loaded safely as a PyTorch checkpoint ({_last_line(e)})") from None
+    if names:
+        print(f"note: {path} pickles {len(names)} kinds of Python objects besides tensors (e.g. {names[0]}); "
+              f"they were loaded as inert stand-ins, none of their code ran")
+    return ckpt
+
+
+def _last_line(e):
+    # torch's weights_only errors put the reason (the refused global) at the end
+    lines = [line for line in str(e).strip().splitlines() if line.strip() and not line.startswith("Check the doc")]
+    return (lines or [type(e).__name__])[-1][:200]
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def official_state_dict(ckpt, path):
+    """The state dict inside an official Lightning checkpoint ({"state_dict": {...}, ...})."""
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SystemExit(f"error: {path} holds no state dict of tensors (is it a taming-transformers checkpoint?)")
+    return sd
+
+
+def load_official_state_dict(path):
+    """The state dict of an official taming-transformers checkpoint, loaded safely (see
+    load_checkpoint_file)."""
+    return official_state_dict(load_checkpoint_file(path), path)
+
+
 def config_to_resume(overrides, out_dir, kind, model_keys):
     """The config saved in out_dir/ckpt.pt, after checking that no flag changes the model's shape."""
     saved = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), kind)["config"]

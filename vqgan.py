@@ -372,3 +372,89 @@ def adaptive_weight(rec_loss, g_loss, last_layer, delta=1e-6, max_weight=1e4):
     gan_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     weight = rec_grad.norm() / (gan_grad.norm() + delta)
     return weight.clamp(0.0, max_weight).detach()
+
+
+# -----------------------------------------------------------------------------
+# The paper's pretrained checkpoints (CompVis/taming-transformers VQModel)
+
+
+def _shape(sd, key):
+    if key not in sd:
+        raise ValueError(f"not an official VQGAN state dict: no tensor {key!r}")
+    return tuple(sd[key].shape)
+
+
+def _count(sd, prefix):
+    # number of consecutive children prefix.0, prefix.1, ... present in the state dict
+    n = 0
+    while any(k.startswith(f"{prefix}.{n}.") for k in sd):
+        n += 1
+    return n
+
+
+def vqgan_config_from_state_dict(sd):
+    """The VQGAN constructor arguments of an official (or our own) state dict, from tensor
+    shapes alone: no yaml needed. Works on `meta` tensors."""
+    ch = _shape(sd, "encoder.conv_in.weight")[0]
+    n_levels = _count(sd, "encoder.down")
+    if n_levels == 0:
+        raise ValueError("not an official VQGAN state dict: no encoder.down.0.* tensors")
+    ch_mult = tuple(_shape(sd, f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(n_levels))
+    # Attention resolutions only mean something relative to the input resolution, and the shapes
+    # only say which levels have attention. Every official config is 256x256, so we pick 256
+    # (or 2^(levels-1) if that is larger); any resolution with the same attention levels builds
+    # the identical network (resolution appears nowhere else), so the choice changes nothing.
+    resolution = max(256, 2 ** (n_levels - 1))
+    attn_resolutions = tuple(resolution // 2 ** i for i in range(n_levels)
+                             if f"encoder.down.{i}.attn.0.q.weight" in sd)
+    n_codes, embed_dim = _shape(sd, "quantize.embedding.weight")
+    return dict(ch=ch, ch_mult=ch_mult, num_res_blocks=_count(sd, "encoder.down.0.block"),
+                attn_resolutions=attn_resolutions, resolution=resolution,
+                z_channels=_shape(sd, "quant_conv.weight")[1], embed_dim=embed_dim, n_codes=n_codes,
+                in_channels=_shape(sd, "encoder.conv_in.weight")[1],
+                out_channels=_shape(sd, "decoder.conv_out.weight")[0])
+
+
+def discriminator_config_from_state_dict(sd):
+    """Discriminator arguments from its state dict (keys main.*): one BatchNorm per layer."""
+    in_channels, ndf = _shape(sd, "main.0.weight")[1], _shape(sd, "main.0.weight")[0]
+    n_layers = sum(k.startswith("main.") and k.endswith(".running_mean") for k in sd)
+    return dict(in_channels=in_channels, ndf=ndf, n_layers=n_layers)
+
+
+def load_strict(model, sd, what):
+    """load_state_dict(strict) with a one-line ValueError naming what does not match."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in sd and sd[k].shape != own[k].shape]
+    problems = [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+    if problems:
+        raise ValueError(f"{what} does not match the official layout ({'; '.join(problems)})")
+    # assign=True on a meta-built model: the checkpoint's tensors become the parameters, so a
+    # paper-size model is never randomly initialised (seconds and a copy of its memory saved)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
+
+
+def load_official_vqgan(sd):
+    """Official VQModel state dict (or the whole Lightning checkpoint dict) -> (VQGAN,
+    Discriminator or None). Strict: every tensor used, every parameter filled, else ValueError.
+
+    The official quantizer (VectorQuantizer2, legacy=True) put beta on the codebook term; the
+    weights do not depend on that, and this VQGAN uses beta = 0.25 on the commitment term (see
+    `commitment_loss`), which only matters if you continue training."""
+    sd = sd.get("state_dict", sd)
+    # loss.perceptual_loss.* is the frozen LPIPS (ours is lpips_lite); loss.discriminator.* is D
+    model_sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
+    disc_sd = {k[len("loss.discriminator."):]: v for k, v in sd.items() if k.startswith("loss.discriminator.")}
+    with torch.device("meta"):
+        model = VQGAN(**vqgan_config_from_state_dict(model_sd))
+    load_strict(model, model_sd, "VQGAN state dict")
+    if not disc_sd:
+        return model, None
+    with torch.device("meta"):
+        disc = Discriminator(**discriminator_config_from_state_dict(disc_sd))
+    return model, load_strict(disc, disc_sd, "discriminator state dict (loss.discriminator.*)")
