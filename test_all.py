@@ -1420,3 +1420,20 @@ def test_sample_reconstruct_with_own_and_official_checkpoints(tiny_runs, tmp_pat
         with pytest.raises(SystemExit) as e:
             sample.sample(dict(base, **overrides))
         assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_official_vqgan_weights_reproduce_the_official_outputs():
+    # The official VQModel (ch 32, ch_mult 1,1,2, attention at 8, K 64) with its own weights, rounded
+    # to fp16 to keep the fixture small; its outputs were computed in fp32. A wrong padding, norm or
+    # attention layout would be off by O(0.1); the fp16 rounding accounts for about 1e-3.
+    v = torch.load(FIXTURE, weights_only=True)["vqmodel"]
+    sd = {k: t.float() if t.is_floating_point() else t for k, t in v["state_dict_fp16"].items()}
+    model, disc = load_official_vqgan(sd)
+    model.eval()
+    assert disc is None and model.config["ch_mult"] == [1, 1, 2] and model.n_codes == 64
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder(v["x"]), v["enc_out"], atol=5e-3, rtol=0)
+        z_q, indices, _ = model.encode(v["x"])
+        assert (indices.flatten() == v["indices"]).float().mean() > 0.97  # rounding may flip a near-tie
+        torch.testing.assert_close(model.quantize.lookup(v["indices"].view(2, 8, 8)), v["quant"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.decode(v["quant"]), v["dec"], atol=1e-2, rtol=0)
