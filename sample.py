@@ -21,8 +21,8 @@ import sys
 
 import torch
 
-from gpt import GPT, cond_tokens, sample_sliding_window
-from train_vqgan import (image_transform, load_checkpoint, load_checkpoint_file, official_state_dict, open_rgb,
+from gpt import GPT, cond_tokens, load_official_gpt, sample_sliding_window
+from train_vqgan import (check_kind, image_transform, load_checkpoint, load_checkpoint_file, official_state_dict, open_rgb,
                          parse_overrides, pick_device, psnr, save_image_grid, vqgan_from_checkpoint)
 from vqgan import load_official_vqgan
 
@@ -39,14 +39,36 @@ CONFIG = dict(
     complete="",                  # an image file: keep its top half of tokens and sample the bottom half
     reconstruct="",               # an image file: write it beside its VQGAN reconstruction (needs --vqgan_ckpt)
     image_size=0,                 # --reconstruct: resize + centre-crop to this (0 = the VQGAN's training size; 256 official)
+    official_classes=0,           # official transformers: 0 = unconditional (start token), else the class count (ImageNet: 1000)
+    n_head=16,                    # official transformers: attention heads (not in the weights; 16 in every official config)
     out="out/samples.png",        # where the PNG grid goes
     device="auto",                # auto = cuda, then mps, then cpu
     seed=0,
 )
 
 
+def load_official_transformer(ckpt, config):
+    """An official Net2NetTransformer checkpoint -> its GPT, its first-stage VQGAN, and the
+    facts sample() needs (which our own checkpoints store)."""
+    path, n_classes = config["gpt_ckpt"], config["official_classes"]
+    sd = official_state_dict(ckpt, path)
+    first_stage = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    try:
+        model = load_official_gpt(sd, cond="class" if n_classes else "sos", n_classes=n_classes, n_head=config["n_head"])
+        vqgan, _ = load_official_vqgan(first_stage)
+    except ValueError as e:
+        raise SystemExit(f"error: {path}: {e}") from None
+    side = 256 // vqgan.downsample_factor  # every official transformer was trained on 256x256 crops
+    return model, vqgan, dict(grid_hw=[side, side], conditional="class" if n_classes else "none",
+                              class_names=[str(c) for c in range(n_classes)], image_size=256)
+
+
 def load_models(config, device):
-    gpt_ckpt = load_checkpoint(config["gpt_ckpt"], "gpt")
+    ckpt = load_checkpoint_file(config["gpt_ckpt"])
+    if not (isinstance(ckpt, dict) and "kind" in ckpt):  # not ours: an official Lightning file
+        model, vqgan, gpt_ckpt = load_official_transformer(ckpt, config)
+        return model.to(device).eval(), vqgan.to(device).eval(), gpt_ckpt
+    gpt_ckpt = check_kind(ckpt, config["gpt_ckpt"], "gpt")
     model = GPT(**gpt_ckpt["model_config"])
     model.load_state_dict(gpt_ckpt["model"])
     vqgan_path = config["vqgan_ckpt"] or gpt_ckpt["vqgan_ckpt"]
@@ -65,6 +87,8 @@ def conditioning(model, gpt_ckpt, config, device):
             raise SystemExit("error: --class_label is for class-conditional models, and this GPT is unconditional")
         return cond_tokens(model, None, config["num_samples"], device), 8
     if config["class_label"] == -1:
+        if len(names) > 16:
+            raise SystemExit(f"error: this model has {len(names)} classes: pick one with --class_label=N")
         per_class = min(8, config["num_samples"])
         labels = torch.arange(len(names), device=device).repeat_interleave(per_class)
         return cond_tokens(model, labels, len(labels), device), per_class

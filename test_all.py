@@ -1437,3 +1437,46 @@ def test_official_vqgan_weights_reproduce_the_official_outputs():
         assert (indices.flatten() == v["indices"]).float().mean() > 0.97  # rounding may flip a near-tie
         torch.testing.assert_close(model.quantize.lookup(v["indices"].view(2, 8, 8)), v["quant"], atol=1e-5, rtol=0)
         torch.testing.assert_close(model.decode(v["quant"]), v["dec"], atol=1e-2, rtol=0)
+
+
+def official_transformer_layout(gpt, vqgan):
+    """Our GPT and VQGAN under the official Net2NetTransformer key names (the inverse of the
+    converter): separate query/key/value, causal-mask buffers, no rows for our own start token."""
+    sd = {}
+    for k, v in gpt.state_dict().items():
+        if ".attn.qkv." in k:
+            for name, part in zip(("query", "key", "value"), v.chunk(3)):
+                sd["transformer." + k.replace("qkv", name)] = part
+        elif k == "tok_emb.weight":
+            sd["transformer." + k] = v[:gpt.n_codes]
+        else:
+            sd["transformer." + k] = v
+    for i in range(gpt.config["n_layer"]):
+        sd[f"transformer.blocks.{i}.attn.mask"] = torch.ones(1, 1, gpt.block_size, gpt.block_size).tril()
+    sd.update({"first_stage_model." + k: v for k, v in vqgan.state_dict().items()})
+    return {"state_dict": sd, "callbacks": PickledCallback()}
+
+
+def test_sample_from_an_official_transformer_checkpoint(tmp_path, capsys):
+    torch.manual_seed(0)
+    # f = 16 like the official VQGANs, so their 256x256 training crops are 16x16 = 256 tokens
+    vqgan = VQGAN(ch=8, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(), resolution=256,
+                  z_channels=8, embed_dim=4, n_codes=16)
+    gpt = GPT(16, 257, n_layer=1, n_head=2, n_embd=16)
+    path = str(tmp_path / "last.ckpt")
+    torch.save(official_transformer_layout(gpt, vqgan), path)
+    base = dict(sample.CONFIG, gpt_ckpt=path, n_head=2, num_samples=1, device="cpu", seed=3)
+    out = sample.sample(dict(base, out=str(tmp_path / "official.png")))
+    assert Image.open(out).size == (256, 256)  # one 16x16 grid of f=16 tokens, no grid padding for one image
+    # the same tokens as our GPT gives: decode what generate() writes with the same seed
+    model, _, _ = sample.load_models(base, torch.device("cpu"))
+    cond = cond_tokens(model, None, 1, "cpu")
+    ours = gpt.eval().generate(cond, 256, generator=torch.Generator().manual_seed(3))
+    theirs = model.generate(cond, 256, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ours, theirs)
+    with pytest.raises(SystemExit, match="n_head=3 does not divide n_embd=16"):
+        sample.sample(dict(base, n_head=3))
+    torch.save({"state_dict": {k: v for k, v in official_transformer_layout(gpt, vqgan)["state_dict"].items()
+                               if not k.startswith("first_stage_model.")}}, path)
+    with pytest.raises(SystemExit, match="no tensor 'encoder.conv_in.weight'"):
+        sample.sample(base)

@@ -186,6 +186,10 @@ def load_checkpoint(path, kind):
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SystemExit(f"error: {path} is not a checkpoint this project can load safely ({first_line[:200]})")
+    return check_kind(ckpt, path, kind)
+
+
+def check_kind(ckpt, path, kind):
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"error: {path} is a {found} checkpoint, not a {kind} checkpoint (check the path)")
@@ -226,7 +230,7 @@ def load_checkpoint_file(path):
         # also where torch refuses a stand-in outright (globals from os, subprocess, ... are blocked)
         raise SystemExit(f"error: {path} could not be loaded safely as a PyTorch checkpoint ({_last_line(e)})") from None
     if names:
-        print(f"note: {path} pickles {len(names)} kinds of Python objects besides tensors (e.g. {names[0]}); "
+        print(f"note: {path} pickles {len(names)} Python class(es) besides tensors (e.g. {names[0]}); "
               f"they were loaded as inert stand-ins, none of their code ran")
     return ckpt
 
