@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vqgan import load_strict  # the same strict, one-line-error load as the VQGAN's
+
 # -----------------------------------------------------------------------------------------
 # The transformer
 
@@ -412,11 +414,4 @@ def load_official_gpt(sd, cond="sos", n_classes=0, n_head=16):
         raise ValueError(f"n_head={n_head} does not divide n_embd={n_embd} (give the config's n_head)")
     with torch.device("meta"):  # no random init of a paper-size model; the weights are assigned
         model = GPT(vocab, sd["pos_emb"].shape[1], n_layer, n_head, n_embd, n_cond_tokens=n_cond)
-    own = model.state_dict()
-    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    wrong = [k for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"GPT state dict does not match the official layout (missing: {missing[:5]}, "
-                         f"unexpected: {unexpected[:5]}, wrong shape: {wrong[:5]})")
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model
+    return load_strict(model, sd, "GPT state dict")

@@ -79,23 +79,37 @@ def load_models(config, device):
     return model.to(device).eval(), vqgan.to(device).eval(), gpt_ckpt
 
 
+def class_label(gpt_ckpt, config):
+    """The requested class (None for an unconditional model or -1 = every class), checked."""
+    names, label = gpt_ckpt["class_names"], config["class_label"]
+    if gpt_ckpt["conditional"] != "class":
+        if label != -1:
+            raise SystemExit("error: --class_label is for class-conditional models, and this GPT is unconditional")
+        return None
+    if label != -1 and not 0 <= label < len(names):
+        listing = ", ".join(f"{i} = {n}" for i, n in enumerate(names[:16])) + (", ..." if len(names) > 16 else "")
+        raise SystemExit(f"error: --class_label={label} is out of range (this model knows {listing})")
+    return label
+
+
+def sampling_options(config):
+    # 0 and 1.0 are the shell's way of saying "off"
+    return dict(temperature=config["temperature"], top_k=config["top_k"] or None,
+                top_p=config["top_p"] if config["top_p"] < 1 else None)
+
+
 def conditioning(model, gpt_ckpt, config, device):
     """(B, 1) conditioning tokens and the grid's row length for the PNG."""
-    names = gpt_ckpt["class_names"]
-    if gpt_ckpt["conditional"] != "class":
-        if config["class_label"] != -1:
-            raise SystemExit("error: --class_label is for class-conditional models, and this GPT is unconditional")
+    names, label = gpt_ckpt["class_names"], class_label(gpt_ckpt, config)
+    if label is None:
         return cond_tokens(model, None, config["num_samples"], device), 8
-    if config["class_label"] == -1:
+    if label == -1:
         if len(names) > 16:
             raise SystemExit(f"error: this model has {len(names)} classes: pick one with --class_label=N")
         per_class = min(8, config["num_samples"])
         labels = torch.arange(len(names), device=device).repeat_interleave(per_class)
         return cond_tokens(model, labels, len(labels), device), per_class
-    if not 0 <= config["class_label"] < len(names):
-        listing = ", ".join(f"{i} = {n}" for i, n in enumerate(names))
-        raise SystemExit(f"error: --class_label={config['class_label']} is out of range (this model knows {listing})")
-    return cond_tokens(model, config["class_label"], config["num_samples"], device), 8
+    return cond_tokens(model, label, config["num_samples"], device), 8
 
 
 def token_grid_size(config, gpt_ckpt, f):
@@ -123,18 +137,17 @@ def complete_image(model, vqgan, gpt_ckpt, config, device):
         image = image_transform(gpt_ckpt["image_size"], train=False)(open_rgb(config["complete"]))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for unreadable files
         raise SystemExit(f"error: --complete={config['complete']} could not be read as an image ({e})") from None
-    if gpt_ckpt["conditional"] == "class" and config["class_label"] == -1:
+    label = class_label(gpt_ckpt, config)
+    if label == -1:
         raise SystemExit("error: --complete with a class-conditional model needs --class_label=N")
     x = image[None].to(device)
     tokens = vqgan.encode(x)[1]  # (1, h, w)
     h, w = tokens.shape[1:]
     keep = (h // 2) * w  # the top half of the rows, in raster order
     n = config["num_samples"]
-    label = None if gpt_ckpt["conditional"] != "class" else config["class_label"]
     prefix = torch.cat([cond_tokens(model, label, n, device), tokens.flatten(1)[:, :keep].expand(n, -1)], dim=1)
     g = torch.Generator(device=device).manual_seed(config["seed"])
-    rest = model.generate(prefix, h * w - keep, temperature=config["temperature"], top_k=config["top_k"] or None,
-                          top_p=config["top_p"] if config["top_p"] < 1 else None, generator=g)
+    rest = model.generate(prefix, h * w - keep, generator=g, **sampling_options(config))
     completed = torch.cat([tokens.flatten(1).expand(n, -1)[:, :keep], rest], dim=1).view(n, h, w)
     # first the original and its reconstruction, then the completions
     return torch.cat([x, vqgan.decode_indices(tokens), vqgan.decode_indices(completed)]), n + 2
@@ -197,10 +210,8 @@ def sample(config):
         trained_h, trained_w = gpt_ckpt["grid_hw"]
         # On the trained grid this is plain autoregressive sampling with a KV cache; on a larger
         # grid it is the sliding window. One code path, the same tokens for the same seed.
-        tokens = sample_sliding_window(model, cond, h, w, trained_h, trained_w, temperature=config["temperature"],
-                                       top_k=config["top_k"] or None,
-                                       top_p=config["top_p"] if config["top_p"] < 1 else None,
-                                       generator=g, progress=True)
+        tokens = sample_sliding_window(model, cond, h, w, trained_h, trained_w, generator=g, progress=True,
+                                       **sampling_options(config))
         images = vqgan.decode_indices(tokens)
     path = save_image_grid(images, config["out"], nrow)
     print(f"wrote {len(images)} images to {path}")

@@ -1224,7 +1224,7 @@ def test_flipped_data_caches_both_orientations():
     assert torch.equal(tokens[2], tokens[0].flip(-1))
 
 
-def test_gpt_training_writes_checkpoints_and_lowers_the_loss(tiny_runs):
+def test_gpt_training_writes_checkpoints_and_a_sample_row_per_class(tiny_runs):
     root, _ = tiny_runs
     ckpt = train_vqgan.load_checkpoint(str(root / "gpt" / "ckpt.pt"), "gpt")
     assert ckpt["step"] == 3 and ckpt["class_names"] == list(SHAPE_NAMES) and ckpt["grid_hw"] == [8, 8]
@@ -1260,6 +1260,8 @@ def test_sample_errors_are_one_clear_line(tiny_runs, tmp_path):
     root, gpt_config = tiny_runs
     base = dict(sample.CONFIG, gpt_ckpt=str(root / "gpt" / "ckpt.pt"), device="cpu", num_samples=1,
                 out=str(tmp_path / "x.png"))
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(photo)
     other_vqgan = tmp_path / "k32" / "ckpt.pt"
     train_vqgan.train(tiny_train_config(tmp_path / "k32", max_steps=1, n_codes=32, disc_start=10))
     for overrides, words in [(dict(class_label=3), "--class_label=3 is out of range (this model knows 0 = circle"),
@@ -1268,6 +1270,7 @@ def test_sample_errors_are_one_clear_line(tiny_runs, tmp_path):
                              (dict(gpt_ckpt=gpt_config["vqgan_ckpt"]), "is a vqgan checkpoint, not a gpt checkpoint"),
                              (dict(vqgan_ckpt=str(other_vqgan)), "has 32 codes but the GPT"),
                              (dict(complete=str(tmp_path / "nope.png"), class_label=0), "no such file"),
+                             (dict(complete=str(photo), class_label=7), "--class_label=7 is out of range"),
                              (dict(top_p=0.0), "--top_p")]:
         with pytest.raises(SystemExit) as e:
             sample.sample(dict(base, **overrides))

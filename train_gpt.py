@@ -143,7 +143,7 @@ def train_step(model, optimizer, scaler, tokens, labels, step, config, device, d
     seq = make_sequences(model, tokens, labels, config["conditional"])
     inputs = seq
     if config["pkeep"] < 1.0:  # corrupt the inputs only; the targets in seq stay true
-        noisy = corrupt_tokens(tokens.flatten(1), config["pkeep"], model.n_codes, generator=g.manual_seed(step))
+        noisy = corrupt_tokens(tokens.flatten(1), config["pkeep"], model.n_codes, generator=g)
         inputs = torch.cat([seq[:, :1], noisy.to(device)], dim=1)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, config)
