@@ -227,28 +227,160 @@ def commitment_loss(z_e, z_q, beta):
 
 
 class VectorQuantizer(nn.Module):
-    def __init__(self, n_codes, code_dim, beta=0.25):
+    """The codebook: nearest-code lookup (Eq. 2), the straight-through gradient and the VQ loss (Eq. 4).
+
+    n_codes K codes of code_dim numbers each. The paper (the default) looks the encoder output up
+    as it is. Two later options (ViT-VQGAN, LlamaGen) change the space the lookup happens in:
+      in_channels > 0: the input has in_channels channels; a 1x1 conv projects it down to code_dim
+          before the lookup and another projects the chosen code back up after it.
+      l2_codes: both the (projected) input and the codebook are l2-normalised before the lookup,
+          so the nearest code is the one with the largest cosine similarity.
+    Why these are used more evenly. With the paper's plain lookup, a code only moves when it wins
+    (the codebook term of Eq. (4) pulls the winners toward their inputs), so a code that starts,
+    or is left, outside the region the encoder outputs occupy never wins and never moves: it is
+    dead for good. The encoder also changes the scale of its outputs freely, which can leave most
+    of the codebook behind. On the unit sphere neither can happen: the scale is gone, every code is
+    at distance <= 2 from every input, and the distance depends on the angle alone. A low dimension
+    helps too: in 256 dimensions random directions are almost orthogonal, all distances crowd around
+    the same value and the few codes that happen to align with the directions the encoder uses win
+    everything; K codes on the sphere in 8 dimensions cover it densely, so most of them own a region
+    of inputs. The projections learn which few directions of the encoder output are worth coding.
+    The paper's state-dict keys (quantize.embedding.weight only) are unchanged when the options are off.
+    """
+
+    def __init__(self, n_codes, code_dim, beta=0.25, in_channels=0, l2_codes=False):
         super().__init__()
-        self.n_codes, self.beta = n_codes, beta
+        self.n_codes, self.beta, self.l2_codes = n_codes, beta, l2_codes
         self.embedding = nn.Embedding(n_codes, code_dim)
         self.embedding.weight.data.uniform_(-1.0 / n_codes, 1.0 / n_codes)  # official init
+        if in_channels > 0:  # only then: the paper's checkpoints must load with exactly their keys
+            self.proj_in = nn.Conv2d(in_channels, code_dim, 1)
+            self.proj_out = nn.Conv2d(code_dim, in_channels, 1)
+        self.recent = None  # the last training batch in lookup space, for restart_dead_codes
+
+    def to_lookup_space(self, z_e):
+        """Encoder output (B, C, h, w) -> rows (B*h*w, code_dim) in fp32, as the lookup sees them."""
+        z = self.proj_in(z_e) if hasattr(self, "proj_in") else z_e
+        # Distances and losses in fp32 even under autocast: in bf16 two codes a little apart
+        # round to the same distance and the argmin picks arbitrarily between them.
+        z = z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        return F.normalize(z, dim=1) if self.l2_codes else z
+
+    def codebook(self):
+        """The codes (K, code_dim) in fp32, normalised like the inputs when l2_codes is on."""
+        codes = self.embedding.weight.float()
+        return F.normalize(codes, dim=1) if self.l2_codes else codes
+
+    def from_lookup_space(self, z_q):
+        # (B, code_dim, h, w) -> (B, C, h, w): back to the channels the decoder expects
+        return self.proj_out(z_q) if hasattr(self, "proj_out") else z_q
 
     def forward(self, z_e):
         """z_e (B, C, h, w) -> z_q with straight-through gradient, indices (B, h, w), VQ loss."""
-        B, C, h, w = z_e.shape
-        # Distances and losses in fp32 even under autocast: in bf16 two codes a little apart
-        # round to the same distance and the argmin picks arbitrarily between them.
-        z_e = z_e.float()
-        codebook = self.embedding.weight.float()
-        flat = z_e.permute(0, 2, 3, 1).reshape(-1, C)
-        indices = nearest_code(flat, codebook)
-        z_q = codebook[indices].view(B, h, w, C).permute(0, 3, 1, 2)
-        loss = codebook_loss(z_e, z_q) + commitment_loss(z_e, z_q, self.beta)
-        return straight_through(z_e, z_q), indices.view(B, h, w), loss
+        B, _, h, w = z_e.shape
+        z = self.to_lookup_space(z_e)
+        codebook = self.codebook()
+        # On unit vectors ||z - e||^2 = 2 - 2 cos(z, e): the nearest code is the most similar one.
+        indices = nearest_code(z, codebook)
+        z_q = codebook[indices]
+        # Eq. (4) acts in the lookup space (for l2 codes: between unit vectors)
+        loss = codebook_loss(z, z_q) + commitment_loss(z, z_q, self.beta)
+        if self.training:
+            self.recent = z.detach()
+        z_q = straight_through(z, z_q).view(B, h, w, -1).permute(0, 3, 1, 2)
+        return self.from_lookup_space(z_q), indices.view(B, h, w), loss
 
     def lookup(self, indices):
         # indices (B, h, w) -> z_q (B, C, h, w): decoding a GPT's token grid.
-        return self.embedding(indices).permute(0, 3, 1, 2)
+        return self.from_lookup_space(self.codebook()[indices].permute(0, 3, 1, 2))
+
+
+# -----------------------------------------------------------------------------
+# Codebook health: k-means initialisation and dead-code restarts (options, not in the paper)
+
+
+def kmeans(x, k, iters=10, generator=None):
+    """Rows x (N, D) -> k centroids (k, D): k-means++ seeding, then `iters` Lloyd iterations, fp32.
+
+    k-means++ picks each new seed with probability proportional to its squared distance to the
+    nearest seed so far, so well-separated clusters almost surely each get one. A centroid whose
+    cluster empties keeps its old position (it is still a point of, or a mean of, the data).
+    """
+    x = x.float()
+    if len(x) < k:
+        raise ValueError(f"kmeans: {len(x)} points are too few for {k} centroids (give at least k points)")
+    centroids = x[torch.randint(len(x), (1,), generator=generator, device=x.device)]
+    d2 = (x - centroids[0]).pow(2).sum(1)
+    for _ in range(1, k):
+        weights = d2 if d2.sum() > 0 else torch.ones_like(d2)  # fewer distinct points than k: any will do
+        new = x[torch.multinomial(weights, 1, generator=generator)]
+        centroids = torch.cat([centroids, new])
+        d2 = torch.minimum(d2, (x - new[0]).pow(2).sum(1))
+    for _ in range(iters):
+        assign = nearest_code(x, centroids)  # Eq. (2) is exactly k-means' assignment step
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).unsqueeze(1)
+        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+    return centroids
+
+
+def distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@torch.no_grad()
+def init_codebook_with_kmeans(quantizer, z_e, generator=None):
+    """Set the codebook to k-means centroids of encoder outputs z_e (B, C, h, w), in lookup space.
+
+    A randomly initialised codebook sits wherever the init put it, mostly away from the encoder's
+    outputs; centroids of real outputs start every code where inputs are. With l2_codes the points
+    are unit vectors and the lookup normalises the centroids again (spherical k-means, nearly).
+    Under torch.distributed, rank 0's codebook is broadcast so every rank starts the same."""
+    codes = kmeans(quantizer.to_lookup_space(z_e), quantizer.n_codes, generator=generator)
+    if distributed():
+        torch.distributed.broadcast(codes, src=0)
+    quantizer.embedding.weight.copy_(codes)
+
+
+@torch.no_grad()
+def restart_dead_codes(quantizer, indices, code_age, max_age, optimizer=None):
+    """Reset every code unused for the last `max_age` steps to a random recent encoder output.
+
+    indices: the codes this step chose; code_age (K,) long, on the indices' device: steps since
+    each code was last chosen, updated in place (keep it across steps; it is checkpointed).
+    Returns how many codes were restarted. A restarted code sits exactly on an input the encoder
+    produces now, so it wins at least that input next time and starts to be trained again.
+
+    DDP: every rank must take the same decision, or the ranks' codebooks drift apart (DDP only
+    averages gradients; it never re-syncs parameters). So the usage counts are summed over all ranks
+    (a code used anywhere is alive) and the replacement vectors are rank 0's, broadcast to all.
+
+    Adam: a dead code had zero gradient for max_age steps, so its moments have decayed by
+    beta1^max_age and beta2^max_age: with this project's betas (0.5, 0.9) they are already ~0.
+    With betas close to 1 (0.9, 0.999) the old second moment would survive and shrink the new
+    code's first steps, so when given the optimizer we zero the restarted rows' Adam state:
+    each restarted code starts like a fresh parameter.
+    """
+    counts = torch.bincount(indices.flatten(), minlength=quantizer.n_codes)
+    if distributed():
+        torch.distributed.all_reduce(counts)
+    code_age += 1
+    code_age[counts > 0] = 0
+    dead = (code_age >= max_age).nonzero().flatten()
+    if len(dead) == 0:
+        return 0
+    recent = quantizer.recent
+    new = recent[torch.randint(len(recent), (len(dead),), device=recent.device)]
+    if distributed():
+        torch.distributed.broadcast(new, src=0)
+    weight = quantizer.embedding.weight
+    weight[dead] = new.to(weight.dtype)
+    state = optimizer.state.get(weight, {}) if optimizer is not None else {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key][dead] = 0
+    code_age[dead] = 0
+    return len(dead)
 
 
 def codebook_usage(indices, n_codes):
@@ -269,18 +401,25 @@ def codebook_usage(indices, n_codes):
 
 class VQGAN(nn.Module):
     def __init__(self, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=32,
-                 z_channels=64, embed_dim=64, n_codes=256, beta=0.25, in_channels=3, out_channels=3):
+                 z_channels=64, embed_dim=64, n_codes=256, beta=0.25, in_channels=3, out_channels=3,
+                 code_dim=0, l2_codes=False):
         super().__init__()
         # Plain values only: this dict goes into checkpoints, which hold no Python objects.
         self.config = dict(ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
                            attn_resolutions=list(attn_resolutions), resolution=resolution,
                            z_channels=z_channels, embed_dim=embed_dim, n_codes=n_codes, beta=beta,
-                           in_channels=in_channels, out_channels=out_channels)
+                           in_channels=in_channels, out_channels=out_channels, code_dim=code_dim,
+                           l2_codes=l2_codes)
         self.n_codes = n_codes
         self.downsample_factor = 2 ** (len(ch_mult) - 1)  # f in the paper
         self.encoder = Encoder(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, in_channels)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
-        self.quantize = VectorQuantizer(n_codes, embed_dim, beta)
+        # code_dim 0: the paper's lookup in the embed_dim space. code_dim D > 0: project embed_dim -> D
+        # for the lookup and back (see VectorQuantizer). l2_codes: cosine-similarity lookup.
+        if code_dim < 0:
+            raise ValueError(f"VQGAN: code_dim must be 0 (off) or positive, got {code_dim}")
+        self.quantize = VectorQuantizer(n_codes, code_dim or embed_dim, beta, in_channels=embed_dim if code_dim else 0,
+                                        l2_codes=l2_codes)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.decoder = Decoder(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, out_channels)
 
