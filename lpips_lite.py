@@ -34,8 +34,12 @@ MIN_SIZE = 16  # 4 max-pools happen before relu5_3, so H and W must be >= 2**4
 DOWNLOAD_TIMEOUT = 60.0  # seconds per socket operation while fetching the VGG weights
 
 
-class LPIPSWeightsUnavailable(RuntimeError):
-    """The ImageNet VGG16 weights are not cached and could not be downloaded."""
+class WeightsUnavailable(RuntimeError):
+    """torchvision's ImageNet weights (VGG16 for LPIPS, Inception-v3 for FID) are not cached and
+    could not be downloaded."""
+
+
+LPIPSWeightsUnavailable = WeightsUnavailable  # the name this error had when LPIPS was its only user
 
 
 # -----------------------------------------------------------------------------
@@ -129,29 +133,35 @@ def find_lpips_package_weights():
     return None
 
 
-def load_vgg16_imagenet_state_dict():
-    """torchvision's VGG16 ImageNet weights (IMAGENET1K_V1), 'features.*' keys only. torchvision
-    downloads them once into torch.hub.get_dir()/checkpoints and reads the cache afterwards."""
-    from torchvision.models import VGG16_Weights
-
+def download_imagenet_weights(weights, what, ways_out):
+    """weights.get_state_dict() for a torchvision weights enum: downloaded once into
+    torch.hub.get_dir()/checkpoints, read from that cache afterwards. Offline, one line naming
+    `what` failed, where the cache is, and `ways_out`."""
     # torch.hub's download calls urlopen() without a timeout, so a network that silently drops
     # packets would hang here forever; bound every socket operation unless the user already did.
     old_timeout = socket.getdefaulttimeout()
     if old_timeout is None:
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
     try:
-        sd = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+        return weights.get_state_dict(progress=True, check_hash=True)
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         # only network failures: anything else (bad hash, full disk) keeps torch's own error
         reason = getattr(e, "reason", e)
         cache = Path(torch.hub.get_dir()) / "checkpoints"
-        raise LPIPSWeightsUnavailable(
-            f"cannot download torchvision's VGG16 ImageNet weights for LPIPS ({type(e).__name__}: {reason}); "
-            f"either connect once so torchvision caches them in {cache}, or train with "
-            f"--perceptual_weight=0 (pure L1), or --lpips_pretrained=false (random VGG features, a weaker loss)"
-        ) from e
+        raise WeightsUnavailable(
+            f"cannot download torchvision's {what} ({type(e).__name__}: {reason}); "
+            f"either connect once so torchvision caches them in {cache}, or {ways_out}") from e
     finally:
         socket.setdefaulttimeout(old_timeout)
+
+
+def load_vgg16_imagenet_state_dict():
+    """torchvision's VGG16 ImageNet weights (IMAGENET1K_V1), 'features.*' keys only."""
+    from torchvision.models import VGG16_Weights
+
+    sd = download_imagenet_weights(VGG16_Weights.IMAGENET1K_V1, "VGG16 ImageNet weights for LPIPS",
+                                   "train with --perceptual_weight=0 (pure L1), or --lpips_pretrained=false "
+                                   "(random VGG features, a weaker loss)")
     return {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
 
 

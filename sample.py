@@ -9,6 +9,9 @@ then decode it with the VQGAN in one pass.
     python sample.py --complete=photo.png              # keep the top half, sample the rest
     python sample.py --reconstruct=photo.png --vqgan_ckpt=last.ckpt
                                                        # image | VQGAN reconstruction, PSNR (own or official VQGAN)
+    python sample.py --eval=true --vqgan_ckpt=out/vqgan/ckpt.pt
+                                                       # L1, PSNR, SSIM, LPIPS, codebook usage, perplexity, FID
+    python sample.py --sample_fid=true --num_samples=512  # FID of GPT samples against validation images
 
 When the requested size's token grid is larger than the grid the GPT was trained on, every
 token is sampled from a window of the trained size placed around it (the paper's sliding
@@ -20,10 +23,13 @@ import os
 import sys
 
 import torch
+from tqdm import tqdm
 
 from gpt import GPT, cond_tokens, load_official_gpt, sample_sliding_window
-from train_vqgan import (check_kind, image_transform, load_checkpoint, load_checkpoint_file, official_state_dict, open_rgb,
-                         parse_overrides, pick_device, psnr, save_image_grid, vqgan_from_checkpoint)
+from lpips_lite import LPIPS, MIN_SIZE, WeightsUnavailable
+from train_vqgan import (_first_line, build_inception, check_kind, evaluate, fid, image_transform, inception_features, load_checkpoint,
+                         load_checkpoint_file, make_datasets, official_state_dict, open_rgb, parse_overrides, pick_device,
+                         pick_dtype, psnr, save_image_grid, vqgan_from_checkpoint)
 from vqgan import load_official_vqgan
 
 CONFIG = dict(
@@ -44,7 +50,15 @@ CONFIG = dict(
     out="out/samples.png",        # where the PNG grid goes
     device="auto",                # auto = cuda, then mps, then cpu
     seed=0,
+    # evaluation (issue 6): a VQGAN's reconstructions, a GPT's samples
+    eval=False,                   # True: --vqgan_ckpt on validation images: L1, PSNR, SSIM, LPIPS, codes used, perplexity, FID
+    sample_fid=False,             # True: FID of --num_samples GPT samples against --eval_images validation images
+    data="",                      # --eval / --sample_fid: '' = the VQGAN's training data (its validation split), or a folder, ...
+    eval_images=512,              # validation images to compare with (0 = all); FID reads high with few (it wants thousands)
+    pretrained=True,              # False: random-weight VGG16 / Inception-v3 (no download; figures compare only with such runs)
 )
+
+EVAL_BATCH_SIZE = 32  # images per forward pass while evaluating (memory only; the figures do not depend on it)
 
 
 def load_official_transformer(ckpt, config):
@@ -218,8 +232,120 @@ def sample(config):
     return path
 
 
+# -----------------------------------------------------------------------------
+# Evaluation: --eval (a VQGAN's reconstructions) and --sample_fid (a GPT's samples)
+
+
+def eval_data_settings(config, vqgan_path, trained_size):
+    """Which validation images to compare with: --data if given, else the VQGAN's own training
+    data (its held-out split), at --image_size or the size the VQGAN was trained on."""
+    if config["data"]:
+        settings = dict(data=config["data"], image_size=trained_size, val_fraction=0.05, seed=0, data_root="data")
+    else:
+        ckpt = load_checkpoint_file(vqgan_path) if vqgan_path else None
+        if not (isinstance(ckpt, dict) and ckpt.get("kind") == "vqgan"):
+            raise SystemExit("error: this VQGAN's checkpoint does not say what data it was trained on "
+                             "(give --data=FOLDER or a dataset name)")
+        settings = ckpt["config"]
+    if config["eval_images"] < 0:
+        raise SystemExit(f"error: --eval_images={config['eval_images']} must be positive (or 0 for all)")
+    return dict(settings, image_size=config["image_size"] or settings["image_size"])
+
+
+def validation_images(settings, eval_images):
+    """The first eval_images (0 = all) validation images of the settings' data."""
+    val_set = make_datasets(settings["data"], settings["image_size"], settings["val_fraction"], settings["seed"],
+                            data_root=settings["data_root"])[1]
+    return torch.utils.data.Subset(val_set, range(min(len(val_set), eval_images or len(val_set))))
+
+
+def metric_network(build, what):
+    """(network, None), or (None, the reason) when its pretrained weights cannot be downloaded."""
+    try:
+        return build(), None
+    except WeightsUnavailable as e:
+        reason = _first_line(e.__cause__ or e)
+        return None, (f"unavailable: torchvision's {what} weights are not cached and cannot be downloaded ({reason}); "
+                      f"connect once, or use --pretrained=false (random weights)")
+
+
+@torch.no_grad()
+def evaluate_vqgan(config):
+    """--eval: print L1, PSNR, SSIM, LPIPS, codebook usage, perplexity and reconstruction FID."""
+    if not config["vqgan_ckpt"]:
+        raise SystemExit("error: --eval needs --vqgan_ckpt=CKPT (this project's or an official last.ckpt)")
+    device = pick_device(config["device"])
+    vqgan, trained_size = load_any_vqgan(config["vqgan_ckpt"])
+    settings = eval_data_settings(config, config["vqgan_ckpt"], trained_size)
+    if settings["image_size"] % vqgan.downsample_factor:
+        raise SystemExit(f"error: --image_size={settings['image_size']} is not a multiple of the VQGAN's "
+                         f"f={vqgan.downsample_factor}")
+    val_set = validation_images(settings, config["eval_images"])
+    torch.manual_seed(config["seed"])  # fixes the random networks of --pretrained=false
+    weights = "" if config["pretrained"] else " (random weights: compare only with other --pretrained=false runs)"
+    lpips, lpips_note = metric_network(lambda: LPIPS(pretrained=config["pretrained"]).to(device), "VGG16")
+    if settings["image_size"] < MIN_SIZE:
+        lpips, lpips_note = None, f"unavailable: needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels"
+    inception, fid_note = metric_network(lambda: build_inception(config["pretrained"]).to(device), "Inception-v3")
+    m, _ = evaluate(vqgan.to(device), lpips, val_set, dict(eval_images=len(val_set), batch_size=EVAL_BATCH_SIZE,
+                    num_workers=0), device, pick_dtype("auto", device), inception)
+    size = settings["image_size"]
+    print(f"{config['vqgan_ckpt']} on {len(val_set)} validation images of {settings['data']} ({size}x{size}):")
+    print(f"  L1         {m['val_l1']:.4f}")
+    print(f"  PSNR       {m['val_psnr']:.2f} dB")
+    print(f"  SSIM       {m['val_ssim']:.4f}")
+    print(f"  LPIPS      {lpips_note or format(m['val_lpips'], '.4f') + weights}")
+    print(f"  codebook   {m['val_usage']:.1%} of {vqgan.n_codes} codes used, perplexity {m['val_perplexity']:.1f}")
+    print(f"  FID        {fid_note or format(m['val_fid'], '.2f') + ' (reconstructions vs originals)' + weights}")
+    return m
+
+
+def features_of_images(inception, dataset, device):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=EVAL_BATCH_SIZE)
+    return torch.cat([inception_features(inception, batch[0].to(device)) for batch in loader])
+
+
+@torch.no_grad()
+def sample_fid(config):
+    """--sample_fid: FID between --num_samples GPT samples and the validation images."""
+    device = pick_device(config["device"])
+    model, vqgan, gpt_ckpt = load_models(config, device)
+    if config["num_samples"] < 2:
+        raise SystemExit(f"error: --sample_fid needs --num_samples of at least 2 (got {config['num_samples']})")
+    settings = eval_data_settings(config, config["vqgan_ckpt"] or gpt_ckpt.get("vqgan_ckpt", ""), gpt_ckpt["image_size"])
+    label = class_label(gpt_ckpt, config)
+    torch.manual_seed(config["seed"])
+    inception, note = metric_network(lambda: build_inception(config["pretrained"]).to(device), "Inception-v3")
+    if inception is None:
+        raise SystemExit(f"error: FID {note}")
+    h, w = gpt_ckpt["grid_hw"]
+    g = torch.Generator(device=device).manual_seed(config["seed"])
+    features, shown = [], []
+    for first in tqdm(range(0, config["num_samples"], EVAL_BATCH_SIZE), desc="sample"):
+        n = min(EVAL_BATCH_SIZE, config["num_samples"] - first)
+        # class-conditional without --class_label: the classes in turn, as often as each other
+        labels = torch.arange(first, first + n) % len(gpt_ckpt["class_names"]) if label == -1 else label
+        tokens = model.generate(cond_tokens(model, labels, n, device), h * w, generator=g, **sampling_options(config))
+        images = vqgan.decode_indices(tokens.view(n, h, w))
+        features.append(inception_features(inception, images))
+        shown.append(images[:max(0, 64 - first)].cpu())
+    real = features_of_images(inception, validation_images(settings, config["eval_images"]), device)
+    path = save_image_grid(torch.cat(shown), config["out"])
+    score = fid(real, torch.cat(features))
+    weights = "" if config["pretrained"] else " (random-weight Inception-v3: compare only with other such runs)"
+    print(f"FID {score:.2f}{weights}: {config['num_samples']} samples vs {len(real)} validation images of "
+          f"{settings['data']}; the first {min(64, config['num_samples'])} samples are in {path}")
+    return score
+
+
 def main(argv):
-    sample(dict(CONFIG, **parse_overrides(CONFIG, argv, __file__)))
+    config = dict(CONFIG, **parse_overrides(CONFIG, argv, __file__))
+    if config["eval"]:
+        evaluate_vqgan(config)
+    elif config["sample_fid"]:
+        sample_fid(config)
+    else:
+        sample(config)
 
 
 if __name__ == "__main__":

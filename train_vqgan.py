@@ -24,14 +24,16 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from lpips_lite import LPIPS, LPIPSWeightsUnavailable
+from lpips_lite import LPIPS, LPIPSWeightsUnavailable, download_imagenet_weights
 from vqgan import (VQGAN, Discriminator, PAPER_CONFIG, adaptive_weight, codebook_usage, hinge_d_loss,
-                   hinge_g_loss)
+                   hinge_g_loss, init_codebook_with_kmeans, restart_dead_codes, usage_from_counts)
 
 # -----------------------------------------------------------------------------
 # Hyperparameters. Each can be overridden from the shell: --name=value. The defaults train on the
@@ -52,6 +54,11 @@ CONFIG = dict(
     embed_dim=8,              # n_z: dimension of each codebook vector (small: codes are used more evenly)
     n_codes=256,              # K: codebook size = the GPT's vocabulary of image tokens
     beta=0.25,                # commitment weight of Eq. (4)
+    # codebook health (issue 6): later fixes for unused codes; all off = the paper's quantizer
+    code_dim=0,               # 0 = look codes up in the embed_dim space (paper); D > 0 = 1x1 projections to D dims and back
+    l2_codes=False,           # l2-normalise encoder output and codes before the lookup (cosine similarity, ViT-VQGAN)
+    kmeans_init=False,        # initialise the codebook with k-means on the first batches' encoder outputs
+    dead_code_restart=0,      # N > 0: a code unused for N steps is reset to a random recent encoder output (0 = off)
     # loss
     perceptual_weight=0.0,    # LPIPS weight in L_rec. Off for shapes: VGG16 weights are a download, and
                               # on flat synthetic shapes L1 alone already gives sharp edges. 1.0 for photos.
@@ -83,7 +90,7 @@ PAPER_PRESET = dict(PAPER_CONFIG, image_size=256, perceptual_weight=1.0, disc_st
 
 # Model keys: these must match a checkpoint we resume from.
 MODEL_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_codes",
-              "disc_ndf", "disc_layers")
+              "disc_ndf", "disc_layers", "code_dim", "l2_codes")
 
 # -----------------------------------------------------------------------------
 # Shared utilities: flags, device, precision, checkpoints
@@ -263,7 +270,7 @@ def config_to_resume(overrides, out_dir, kind, model_keys):
     """The config saved in out_dir/ckpt.pt, after checking that no flag changes the model's shape."""
     saved = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), kind)["config"]
     plain = lambda v: list(v) if isinstance(v, tuple) else v  # checkpoints store tuples as lists
-    changed = [k for k in model_keys if k in overrides and plain(overrides[k]) != saved[k]]
+    changed = [k for k in model_keys if k in overrides and plain(overrides[k]) != saved.get(k)]
     if changed:
         raise SystemExit(f"error: --resume with a different {', '.join(changed)} than the checkpoint "
                          f"(drop those flags, or train a new model with another --out_dir)")
@@ -542,6 +549,91 @@ def psnr(x, x_hat):
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
+def gaussian_window(size=11, sigma=1.5):
+    """The (size, size) Gaussian weights SSIM averages with, summing to 1."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    return torch.outer(g, g) / g.sum() ** 2
+
+
+def ssim(x, y, size=11, sigma=1.5):
+    """Per-image SSIM (Wang et al. 2004) of images in [-1, 1], measured on the [0, 1] scale like psnr.
+
+    At every position of an 11x11 Gaussian window (sigma 1.5, no padding), per channel:
+        (2 mu_x mu_y + C1) (2 cov_xy + C2) / ((mu_x^2 + mu_y^2 + C1) (var_x + var_y + C2))
+    with C1 = (0.01 L)^2, C2 = (0.03 L)^2, L = 1 the peak; averaged over positions and channels.
+    The first factor compares brightness, the second contrast and structure; 1 = identical.
+    """
+    if min(x.shape[-2:]) < size:
+        raise ValueError(f"ssim needs images of at least {size}x{size} pixels, got {tuple(x.shape[-2:])}")
+    x, y = (x.double() + 1) / 2, (y.double() + 1) / 2
+    channels = x.shape[1]
+    window = gaussian_window(size, sigma).to(x.device).expand(channels, 1, size, size)
+    mean = lambda t: F.conv2d(t, window, groups=channels)  # local Gaussian-weighted mean, per channel
+    mu_x, mu_y = mean(x), mean(y)
+    var_x, var_y, cov_xy = mean(x * x) - mu_x ** 2, mean(y * y) - mu_y ** 2, mean(x * y) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = (2 * mu_x * mu_y + c1) * (2 * cov_xy + c2) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1).float()
+
+
+def sqrtm_psd(a):
+    """Square root of a symmetric positive semi-definite matrix, by eigendecomposition: V sqrt(W) V^T."""
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """FID's distance between Gaussians N(mu1, s1) and N(mu2, s2), in float64:
+        d^2 = ||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^(1/2))
+    s1 s2 is not symmetric, but it is similar to the symmetric PSD m = s1^(1/2) s2 s1^(1/2)
+    (multiply by s1^(-1/2) and s1^(1/2)), so tr((s1 s2)^(1/2)) = the sum of the square roots of
+    m's eigenvalues: two eigh calls, no scipy, no complex numbers."""
+    mu1, s1, mu2, s2 = (t.double() for t in (mu1, s1, mu2, s2))
+    r1 = sqrtm_psd(s1)
+    m = r1 @ s2 @ r1
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
+    return ((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_covmean).item()
+
+
+def fid(features_a, features_b):
+    """Frechet distance between the Gaussians fitted to two sets of features (N, D)."""
+    stats = [(f.double().mean(0), torch.cov(f.double().T)) for f in (features_a, features_b)]
+    return frechet_distance(*stats[0], *stats[1])
+
+
+def build_inception(pretrained=True):
+    """torchvision's Inception-v3 up to its 2048-d average pool, FID's features; frozen, eval mode.
+
+    pretrained: torchvision's ImageNet weights (downloaded on first use; offline, WeightsUnavailable
+    with one line). Those are not the TF-Inception weights behind published FIDs (the paper's),
+    so our FIDs compare with each other only. False: random weights (tests; offline comparisons).
+    """
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=False)
+    if not pretrained:
+        # He init keeps the activations O(1) through the ~95 layers (BatchNorm in eval mode is the
+        # identity here); torchvision's own random init (std 0.1) lets them grow to ~1e12.
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    else:
+        sd = download_imagenet_weights(torchvision.models.Inception_V3_Weights.IMAGENET1K_V1,
+                                       "Inception-v3 ImageNet weights for FID",
+                                       "evaluate with --pretrained=false (random weights: figures comparable only "
+                                       "with other --pretrained=false runs)")
+        net.load_state_dict({k: v for k, v in sd.items() if not k.startswith("AuxLogits.")})
+    net.fc = nn.Identity()  # the 2048 pooled features instead of the 1000 class logits
+    return net.eval().requires_grad_(False)
+
+
+def inception_features(net, x):
+    """Images (B, 3, H, W) in [-1, 1] -> (B, 2048) float64. These weights were converted from
+    Google's, which expect inputs in [-1, 1] (torchvision's transform_input=True would rescale
+    ImageNet-normalised inputs to that range; ours are already there), at 299x299."""
+    x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
+    return net(x).double()
+
+
 def step_batches(dataset, batch_size, seed, start_step, num_workers):
     """Batches for steps start_step, start_step+1, ... in an order fixed by (seed, epoch).
 
@@ -622,11 +714,13 @@ def train_step(model, disc, lpips, opt_g, opt_d, scaler, x, step, config, device
 
 
 @torch.no_grad()
-def evaluate(model, lpips, val_set, config, device, dtype):
+def evaluate(model, lpips, val_set, config, device, dtype, inception=None):
+    # inception: a build_inception() network, for the reconstruction FID (val_fid); None skips it
     model.eval()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(min(len(val_set), config["eval_images"]))),
                                          batch_size=config["batch_size"], num_workers=config["num_workers"])
     l1, ps, lp, all_indices, first = [], [], [], [], None
+    ss, real, fake = [], [], []
     for batch in loader:
         x = batch[0].to(device)
         with autocast(device, dtype):
@@ -636,13 +730,21 @@ def evaluate(model, lpips, val_set, config, device, dtype):
         ps.append(psnr(x, x_hat))
         if lpips is not None:
             lp.append(lpips(x, x_hat).float())
+        if min(x.shape[-2:]) >= 11:  # SSIM's window
+            ss.append(ssim(x, x_hat))
+        if inception is not None:
+            real.append(inception_features(inception, x))
+            fake.append(inception_features(inception, x_hat))
         all_indices.append(indices.flatten())
         first = first if first is not None else (x[:8].cpu(), x_hat[:8].cpu())
     model.train()
     usage, perplexity = codebook_usage(torch.cat(all_indices), model.n_codes)
     metrics = dict(val_l1=torch.cat(l1).mean().item(), val_psnr=torch.cat(ps).mean().item(),
                    val_lpips=torch.cat(lp).mean().item() if lp else float("nan"),
-                   val_usage=usage, val_perplexity=perplexity)
+                   val_usage=usage, val_perplexity=perplexity,
+                   val_ssim=torch.cat(ss).mean().item() if ss else float("nan"))
+    if inception is not None:
+        metrics["val_fid"] = fid(torch.cat(real), torch.cat(fake))
     return metrics, first
 
 
@@ -693,13 +795,51 @@ def check_config(c):
         raise SystemExit("error: --lr must be positive and --beta, --perceptual_weight, --disc_weight non-negative")
     if not 0 < c["val_fraction"] < 1:
         raise SystemExit(f"error: --val_fraction={c['val_fraction']} must be between 0 and 1")
+    if c["code_dim"] < 0 or c["dead_code_restart"] < 0:
+        raise SystemExit("error: --code_dim and --dead_code_restart must be 0 (off) or positive (e.g. --code_dim=8)")
 
 
 def model_kwargs(config):
     return dict(ch=config["ch"], ch_mult=config["ch_mult"], num_res_blocks=config["num_res_blocks"],
                 attn_resolutions=config["attn_resolutions"], resolution=config["image_size"],
                 z_channels=config["z_channels"], embed_dim=config["embed_dim"], n_codes=config["n_codes"],
-                beta=config["beta"])
+                beta=config["beta"], code_dim=config["code_dim"], l2_codes=config["l2_codes"])
+
+
+KMEANS_POINTS_PER_CODE = 10  # --kmeans_init: encoder outputs gathered per code before k-means
+
+
+@torch.no_grad()
+def kmeans_init_codebook(model, train_set, config, device, dtype):
+    """--kmeans_init: the codebook from k-means on the encoder outputs of the first training
+    batches (the ones step 0, 1, ... will train on), in the lookup space."""
+    tokens_per_batch = config["batch_size"] * (config["image_size"] // model.downsample_factor) ** 2
+    n_batches = -(-KMEANS_POINTS_PER_CODE * model.n_codes // tokens_per_batch)  # ceil
+    batches = step_batches(train_set, config["batch_size"], config["seed"], 0, config["num_workers"])
+    z_e = []
+    for _ in tqdm(range(n_batches), desc="k-means init", leave=False):
+        with autocast(device, dtype):
+            z_e.append(model.quant_conv(model.encoder(next(batches)[0].to(device))).float())
+    init_codebook_with_kmeans(model.quantize, torch.cat(z_e))
+
+
+def save_usage_histogram(counts, path, what, width=512, height=160):
+    """Bar chart of code counts (K,), codes sorted from most to least used, as a PNG with a caption.
+    A flat profile is a healthy codebook; a cliff after a few codes is collapse."""
+    counts = counts.double()
+    used, (_, perplexity) = int((counts > 0).sum()), usage_from_counts(counts)
+    # one bar per pixel column: the mean count of the codes falling in it (K > width) or a repeat (K < width)
+    bars = F.interpolate(counts.sort(descending=True).values.view(1, 1, -1), size=width, mode="area").view(-1)
+    bar_px = (bars / bars.max().clamp_min(1) * height).round().long()
+    rows = torch.arange(height).view(-1, 1)
+    chart = torch.where(rows >= height - bar_px.view(1, -1), 60, 255).to(torch.uint8)  # dark bars on white
+    image = Image.new("L", (width, height + 30), 255)
+    image.paste(Image.fromarray(chart.numpy()), (0, 30))
+    ImageDraw.Draw(image).text((4, 2), f"code usage, {what}: {used}/{len(counts)} codes used, perplexity "
+                                       f"{perplexity:.1f}\ncodes sorted by count; tallest bar {int(counts.max())}", fill=0)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    image.save(path)
+    return path
 
 
 def train(config):
@@ -730,13 +870,20 @@ def train(config):
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"])
         print(f"resuming from {ckpt_path} at step {step}")
+    elif config["kmeans_init"]:
+        kmeans_init_codebook(model, train_set, config, device, dtype)
     os.makedirs(out_dir, exist_ok=True)
+    # steps since each code was last chosen (--dead_code_restart), and code counts since the last
+    # evaluation (the usage histogram); code_age is checkpointed so --resume stays exact
+    code_age = ckpt["code_age"].to(device) if config["resume"] and "code_age" in ckpt else \
+        torch.zeros(model.n_codes, dtype=torch.long, device=device)
+    code_counts, restarts = torch.zeros(model.n_codes, dtype=torch.long, device=device), 0
 
     def save():
         save_checkpoint(dict(kind="vqgan", model=model.state_dict(), model_config=model.config,
                              disc=disc.state_dict(), disc_config=disc.config, opt_g=opt_g.state_dict(),
                              opt_d=opt_d.state_dict(), step=step, config=config_for_checkpoint(config),
-                             rng=torch.get_rng_state()), ckpt_path)
+                             rng=torch.get_rng_state(), code_age=code_age.cpu()), ckpt_path)
 
     batches = step_batches(train_set, config["batch_size"], config["seed"], step, config["num_workers"])
     bar = tqdm(total=config["max_steps"], initial=step, desc="vqgan", dynamic_ncols=True)
@@ -747,6 +894,9 @@ def train(config):
         x = next(batches)[0].to(device)
         logs, indices = train_step(model, disc, lpips, opt_g, opt_d, scaler, x, step, config, device, dtype)
         step += 1
+        code_counts += torch.bincount(indices.flatten(), minlength=model.n_codes)
+        if config["dead_code_restart"]:
+            restarts += restart_dead_codes(model.quantize, indices, code_age, config["dead_code_restart"], opt_g)
         usage, _ = codebook_usage(indices, model.n_codes)
         bar.update(1)
         bar.set_postfix(rec=f"{logs['rec']:.3f}", q=f"{logs['q']:.3f}", d=f"{logs['d']:.3f}",
@@ -760,6 +910,14 @@ def train(config):
             tqdm.write(f"step {step}: val L1 {metrics['val_l1']:.4f}, PSNR {metrics['val_psnr']:.2f} dB, "
                        f"LPIPS {metrics['val_lpips']:.4f}, codes used {metrics['val_usage']:.1%}, "
                        f"perplexity {metrics['val_perplexity']:.1f}; wrote {grid} and {ckpt_path}")
+            if config["dead_code_restart"]:
+                tqdm.write(f"dead-code restarts so far: {restarts}")
+            if step == config["max_steps"]:
+                first = step - (step - 1) % config["eval_interval"]  # first step these counts cover
+                histogram = save_usage_histogram(code_counts.cpu(), os.path.join(out_dir, "code_usage.png"),
+                                                 f"training steps {first}-{step}")
+                tqdm.write(f"wrote {histogram}")
+            code_counts.zero_()
     bar.close()
     return model
 

@@ -389,7 +389,12 @@ def codebook_usage(indices, n_codes):
     Perplexity is the number of equally-used codes that would give the same entropy: K when
     every code is used equally, 1 when everything collapses onto one code.
     """
-    counts = torch.bincount(indices.flatten(), minlength=n_codes).double()
+    return usage_from_counts(torch.bincount(indices.flatten(), minlength=n_codes))
+
+
+def usage_from_counts(counts):
+    """codebook_usage from the K code counts: (fraction of codes used, perplexity)."""
+    counts = counts.double()
     p = counts / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return (counts > 0).double().mean().item(), entropy.exp().item()
