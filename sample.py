@@ -282,7 +282,7 @@ def evaluate_vqgan(config):
                          f"f={vqgan.downsample_factor}")
     val_set = validation_images(settings, config["eval_images"])
     torch.manual_seed(config["seed"])  # fixes the random networks of --pretrained=false
-    weights = "" if config["pretrained"] else " (random weights: compare only with other --pretrained=false runs)"
+    random_note = "" if config["pretrained"] else "; random weights: compare only with other --pretrained=false runs"
     lpips, lpips_note = metric_network(lambda: LPIPS(pretrained=config["pretrained"]).to(device), "VGG16")
     if settings["image_size"] < MIN_SIZE:
         lpips, lpips_note = None, f"unavailable: needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels"
@@ -294,9 +294,9 @@ def evaluate_vqgan(config):
     print(f"  L1         {m['val_l1']:.4f}")
     print(f"  PSNR       {m['val_psnr']:.2f} dB")
     print(f"  SSIM       {m['val_ssim']:.4f}")
-    print(f"  LPIPS      {lpips_note or format(m['val_lpips'], '.4f') + weights}")
+    print(f"  LPIPS      {lpips_note or format(m['val_lpips'], '.4f') + '  (VGG16' + random_note + ')'}")
     print(f"  codebook   {m['val_usage']:.1%} of {vqgan.n_codes} codes used, perplexity {m['val_perplexity']:.1f}")
-    print(f"  FID        {fid_note or format(m['val_fid'], '.2f') + ' (reconstructions vs originals)' + weights}")
+    print(f"  FID        {fid_note or format(m['val_fid'], '.2f') + '  (reconstructions vs originals' + random_note + ')'}")
     return m
 
 

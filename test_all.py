@@ -1483,3 +1483,223 @@ def test_sample_from_an_official_transformer_checkpoint(tmp_path, capsys):
                                if not k.startswith("first_stage_model.")}}, path)
     with pytest.raises(SystemExit, match="no tensor 'encoder.conv_in.weight'"):
         sample.sample(base)
+
+
+# =============================================================================
+# Issue 6: codebook health (low-dimensional and l2-normalised codes, k-means init, dead-code
+# restarts) and evaluation (SSIM, FID, sample.py --eval / --sample_fid)
+
+from train_vqgan import fid, frechet_distance, ssim  # noqa: E402
+from vqgan import init_codebook_with_kmeans, kmeans, restart_dead_codes  # noqa: E402
+
+
+def test_l2_lookup_picks_the_largest_cosine_similarity_not_the_nearest_point():
+    # z = (3, 1): Euclid is closest to the short code (0, 0.1) (distance^2 9.81 vs 50 to (10, 0)),
+    # but its direction is closest to (10, 0): cos 3/sqrt(10) = 0.95 against 1/sqrt(10) = 0.32.
+    codes = torch.tensor([[10.0, 0.0], [0.0, 0.1], [-1.0, -1.0]])
+    z_e = torch.tensor([3.0, 1.0]).view(1, 2, 1, 1)
+    plain, l2 = VectorQuantizer(3, 2), VectorQuantizer(3, 2, l2_codes=True)
+    for vq in (plain, l2):
+        vq.embedding.weight.data = codes.clone()
+    assert plain(z_e)[1].item() == 1
+    z_q, idx, loss = l2(z_e)
+    assert idx.item() == 0
+    assert torch.allclose(z_q.flatten(), torch.tensor([1.0, 0.0]))  # the unit code, not (10, 0)
+    # Eq. (4) between unit vectors: (1 + beta) * mean((z/|z| - e/|e|)^2)
+    u = torch.tensor([3.0, 1.0]) / 10 ** 0.5
+    assert loss.item() == pytest.approx(1.25 * ((u - torch.tensor([1.0, 0.0])) ** 2).mean().item(), rel=1e-6)
+    assert torch.allclose(l2.lookup(idx), z_q)
+
+
+def test_code_dim_projects_to_the_lookup_space_and_back():
+    torch.manual_seed(0)
+    model = tiny_vqgan(code_dim=3, l2_codes=True).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z_e = model.quant_conv(model.encoder(x))
+    z_q, idx, _ = model.encode(x)
+    assert model.quantize.embedding.weight.shape == (16, 3) and z_q.shape == z_e.shape == (2, 4, 8, 8)
+    # the lookup: largest cosine similarity between the projected encoder output and the codes
+    z = F.normalize(model.quantize.proj_in(z_e).permute(0, 2, 3, 1).reshape(-1, 3), dim=1)
+    codes = F.normalize(model.quantize.embedding.weight, dim=1)
+    assert torch.equal(idx.flatten(), (z @ codes.t()).argmax(1))
+    # decoding a token grid goes through the same projection out as the forward pass
+    assert torch.allclose(model.quantize.lookup(idx), z_q, atol=1e-6)
+    # the config rebuilds it; with the options off, the paper's keys and nothing else
+    VQGAN(**model.config).load_state_dict(model.state_dict())
+    assert {k for k in model.state_dict() if k.startswith("quantize.")} == {
+        "quantize.embedding.weight", "quantize.proj_in.weight", "quantize.proj_in.bias",
+        "quantize.proj_out.weight", "quantize.proj_out.bias"}
+    assert [k for k in tiny_vqgan().state_dict() if k.startswith("quantize.")] == ["quantize.embedding.weight"]
+    with pytest.raises(ValueError, match="code_dim must be 0"):
+        tiny_vqgan(code_dim=-1)
+
+
+def _clusters(centres, per_cluster=50, noise=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor(centres)
+    return (centres.repeat_interleave(per_cluster, 0) + noise * torch.randn(len(centres) * per_cluster,
+                                                                             centres.shape[1], generator=g))
+
+
+def test_kmeans_recovers_well_separated_clusters():
+    centres = [[10.0, 10.0], [-10.0, 10.0], [10.0, -10.0], [-10.0, -10.0]]
+    found = kmeans(_clusters(centres), 4, generator=torch.Generator().manual_seed(1))
+    # one centroid per cluster, each at its cluster's mean (noise 0.05 over 50 points)
+    assert torch.cdist(found, torch.tensor(centres)).min(0).values.max() < 0.05
+    assert torch.cdist(found, torch.tensor(centres)).argmin(1).unique().numel() == 4
+    with pytest.raises(ValueError, match="too few"):
+        kmeans(torch.zeros(3, 2), 4)
+
+
+def test_kmeans_init_starts_every_code_on_the_data():
+    centres = [[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0], [-3.0, -3.0, -3.0]]
+    z_e = _clusters(centres, per_cluster=16).view(4, 4, 4, 3).permute(0, 3, 1, 2)  # (B, C, h, w)
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 3)
+    assert codebook_usage(vq(z_e)[1], 4)[0] < 1  # the official init (+-1/K) starts codes in a corner
+    init_codebook_with_kmeans(vq, z_e, generator=torch.Generator().manual_seed(0))
+    assert torch.cdist(vq.embedding.weight, torch.tensor(centres)).min(1).values.max() < 0.05
+    assert codebook_usage(vq(z_e)[1], 4)[0] == 1.0
+
+
+def test_a_dead_code_is_restarted_on_recent_data_and_then_used():
+    vq = VectorQuantizer(4, 2).train()
+    vq.embedding.weight.data = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [50.0, 50.0]])
+    z_e = torch.tensor([[1.1, 0.0], [0.0, 0.9], [-1.0, 0.1], [0.5, 0.5]]).t().reshape(1, 2, 2, 2)
+    opt = torch.optim.Adam(vq.parameters())
+    vq(z_e)[2].backward()
+    opt.step()
+    state = opt.state[vq.embedding.weight]
+    state["exp_avg"].fill_(1.0)  # stale moments to be cleared for the restarted code only
+    age = torch.zeros(4, dtype=torch.long)
+    _, idx, _ = vq(z_e)
+    assert 3 not in idx and restart_dead_codes(vq, idx, age, max_age=2, optimizer=opt) == 0
+    assert age.tolist() == [0, 0, 0, 1]
+    assert restart_dead_codes(vq, idx, age, max_age=2, optimizer=opt) == 1  # unused for 2 steps
+    new = vq.embedding.weight[3].detach()
+    assert any(torch.equal(new, row) for row in vq.recent)  # now exactly one of the encoder outputs
+    assert age[3] == 0 and state["exp_avg"][3].eq(0).all() and state["exp_avg"][:3].eq(1).all()
+    assert 3 in vq(z_e)[1]
+
+
+def _restart_on_two_ranks(rank, folder):
+    # Rank 0 uses codes 0 and 1, rank 1 uses code 2: only code 3 is unused everywhere.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # different random picks on each rank: the broadcast must override them
+    vq = VectorQuantizer(4, 2).train()
+    vq.embedding.weight.data = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [50.0, 50.0]])
+    z_e = (torch.tensor([[1.0, 0.1], [0.1, 1.0]]) if rank == 0 else torch.tensor([[-1.0, 0.2], [-1.1, 0.0]]))
+    _, idx, _ = vq(z_e.t().reshape(1, 2, 1, 2))
+    restarted = restart_dead_codes(vq, idx, torch.zeros(4, dtype=torch.long), max_age=1)
+    torch.save(dict(restarted=restarted, codes=vq.embedding.weight.detach()), f"{folder}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_dead_code_restart_takes_the_same_decision_on_every_ddp_rank(tmp_path):
+    # fork: the children start with this process's modules loaded (spawn would import them again, seconds)
+    torch.multiprocessing.start_processes(_restart_on_two_ranks, args=(str(tmp_path),), nprocs=2, start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["restarted"] == r1["restarted"] == 1  # code 2 is alive: rank 1 used it
+    assert torch.equal(r0["codes"], r1["codes"]) and r0["codes"][3].abs().max() < 2
+
+
+def test_ssim_of_identical_and_of_constant_images():
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-6)
+    # flat images 0.5 and 0.25 on the [0, 1] scale: no variance, so SSIM is the brightness term
+    # (2 * 0.5 * 0.25 + C1) / (0.5^2 + 0.25^2 + C1) with C1 = 0.01^2
+    a, b = torch.zeros(1, 3, 11, 11), torch.full((1, 3, 11, 11), -0.5)
+    assert ssim(a, b).item() == pytest.approx((0.25 + 1e-4) / (0.3125 + 1e-4), rel=1e-6)
+    # noise lowers it; and the window needs 11x11 pixels
+    assert ssim(x, x + 0.3 * torch.randn_like(x)).max() < 0.9
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+
+
+def test_frechet_distance_of_gaussians_matches_the_closed_form():
+    # diagonal covariances: ||mu1 - mu2||^2 + sum (sqrt(a_i) - sqrt(b_i))^2 = 5 + (1 + 1 + 0) = 7
+    mu1, mu2 = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([1.0, 2.0, 0.0])
+    a, b = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 1.0, 9.0])
+    assert frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(7.0, abs=1e-9)
+    # the same covariances turned by one rotation: the distance does not change
+    q = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    a_rot, b_rot = q @ torch.diag(a).double() @ q.T, q @ torch.diag(b).double() @ q.T
+    assert frechet_distance(mu1, a_rot, mu2, b_rot) == pytest.approx(7.0, abs=1e-9)
+    # covariances that do not commute: s1 s2 = [[8, 4], [1, 2]], and for a 2x2 matrix with
+    # eigenvalues >= 0, tr(sqrt(M)) = sqrt(tr M + 2 sqrt(det M)) = sqrt(10 + 2 sqrt(12))
+    s1, s2 = torch.diag(torch.tensor([4.0, 1.0])), torch.tensor([[2.0, 1.0], [1.0, 2.0]])
+    expected = 5 + 4 - 2 * (10 + 2 * 12 ** 0.5) ** 0.5
+    assert frechet_distance(torch.zeros(2), s1, torch.zeros(2), s2) == pytest.approx(expected, abs=1e-9)
+    # from samples: identical sets are at distance 0
+    f = torch.randn(64, 5)
+    assert fid(f, f) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_training_with_the_codebook_options_resumes_exactly_and_draws_the_usage_histogram(tmp_path, capsys):
+    options = dict(code_dim=3, l2_codes=True, kmeans_init=True, dead_code_restart=1, disc_start=10)
+    full = train_vqgan.train(tiny_train_config(tmp_path / "full", **options))
+    train_vqgan.train(tiny_train_config(tmp_path / "split", max_steps=2, **options))
+    resumed = train_vqgan.train(tiny_train_config(tmp_path / "split", resume=True, **options))
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    ckpt = train_vqgan.load_checkpoint(str(tmp_path / "full" / "ckpt.pt"), "vqgan")
+    assert ckpt["model_config"]["code_dim"] == 3 and ckpt["code_age"].shape == (16,)
+    rebuilt = train_vqgan.vqgan_from_checkpoint(ckpt)
+    assert rebuilt.quantize.l2_codes and rebuilt.quantize.embedding.weight.shape == (16, 3)
+    out = capsys.readouterr().out + capsys.readouterr().err
+    histogram = tmp_path / "full" / "code_usage.png"
+    assert f"wrote {histogram}" in out and Image.open(histogram).size == (512, 190)
+    assert "val_ssim" in (tmp_path / "full" / "log.csv").read_text().splitlines()[0]
+
+
+def test_bad_codebook_flags_give_one_clear_line(tmp_path):
+    for overrides in (dict(code_dim=-1), dict(dead_code_restart=-5)):
+        with pytest.raises(SystemExit, match="must be 0 .off. or positive") as e:
+            train_vqgan.resolve_config(overrides)
+        assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="true or false"):
+        train_vqgan.parse_overrides(train_vqgan.CONFIG, ["--l2_codes=maybe"], train_vqgan.__file__)
+    train_vqgan.train(tiny_train_config(tmp_path, max_steps=1, eval_interval=1))
+    with pytest.raises(SystemExit, match="--resume with a different code_dim"):
+        train_vqgan.resolve_config(dict(out_dir=str(tmp_path), resume=True, code_dim=8))
+
+
+def test_eval_prints_every_metric_and_says_why_one_is_unavailable(tiny_runs, tmp_path, monkeypatch, capsys):
+    root, _ = tiny_runs
+    ckpt = str(root / "vqgan" / "ckpt.pt")
+    sample.main(["--eval=true", f"--vqgan_ckpt={ckpt}", "--pretrained=false", "--eval_images=4", "--device=cpu"])
+    out = capsys.readouterr().out
+    assert "on 4 validation images of shapes (16x16)" in out
+    for name in ("L1", "PSNR", "SSIM", "LPIPS", "codebook", "FID"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(name))
+        assert any(c.isdigit() for c in line.split(name, 1)[1]), line
+    assert "random weights: compare only" in out and "of 16 codes used, perplexity" in out
+    # offline with --pretrained=true: LPIPS and FID say why, the other metrics still print
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    metrics = sample.evaluate_vqgan(dict(sample.CONFIG, vqgan_ckpt=ckpt, eval_images=4, device="cpu"))
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "val_fid" not in metrics
+    for name in ("LPIPS", "FID"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(name))
+        assert "unavailable" in line and "--pretrained=false" in line
+    for config, words in ((dict(vqgan_ckpt=""), "--eval needs --vqgan_ckpt"),
+                          (dict(vqgan_ckpt=ckpt, eval_images=-1), "--eval_images=-1"),
+                          (dict(vqgan_ckpt=ckpt, image_size=15, eval_images=2), "not a multiple")):
+        with pytest.raises(SystemExit, match=words) as e:
+            sample.evaluate_vqgan(dict(sample.CONFIG, device="cpu", pretrained=False, **config))
+        assert "\n" not in str(e.value)
+
+
+def test_sample_fid_compares_gpt_samples_with_validation_images(tiny_runs, tmp_path, capsys):
+    root, gpt_config = tiny_runs
+    out = str(tmp_path / "fid_samples.png")
+    score = sample.sample_fid(dict(sample.CONFIG, gpt_ckpt=str(root / "gpt" / "ckpt.pt"), num_samples=4, eval_images=4,
+                                   pretrained=False, device="cpu", out=out))
+    assert np.isfinite(score) and score > 0
+    assert "4 samples vs 4 validation images of shapes" in capsys.readouterr().out
+    assert Image.open(out).size[0] > 16
+    with pytest.raises(SystemExit, match="at least 2"):
+        sample.sample_fid(dict(sample.CONFIG, gpt_ckpt=str(root / "gpt" / "ckpt.pt"), num_samples=1, device="cpu"))
