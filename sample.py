@@ -16,14 +16,17 @@ window, Fig. 3; `window_start` in gpt.py), and the whole grid is decoded at the 
 convolutional decoder takes any size.
 """
 
+import math
 import os
 import sys
 
 import torch
+import torchvision.transforms.functional as TF
 
-from gpt import GPT, cond_tokens, load_official_gpt, sample_sliding_window
-from train_vqgan import (check_kind, image_transform, load_checkpoint, load_checkpoint_file, official_state_dict, open_rgb,
-                         parse_overrides, pick_device, psnr, save_image_grid, vqgan_from_checkpoint)
+from gpt import GPT, cond_tokens, load_official_gpt, sample_sliding_window, spatial_cond_tokens
+from train_vqgan import (_palette_tensor, check_kind, condition_input, draw_scene, image_transform,
+                         load_checkpoint, load_checkpoint_file, official_state_dict, open_rgb, parse_overrides,
+                         pick_device, psnr, read_label_map, save_image_grid, show_condition, vqgan_from_checkpoint)
 from vqgan import load_official_vqgan
 
 CONFIG = dict(
@@ -44,6 +47,10 @@ CONFIG = dict(
     out="out/samples.png",        # where the PNG grid goes
     device="auto",                # auto = cuda, then mps, then cpu
     seed=0,
+    # spatial conditioning (issue 5): models trained with train_gpt.py --conditional=spatial
+    cond="",                      # a semantic-map PNG (class id per pixel) or, for lowres models, an image at the output
+                                  # size; 'scene' = draw shapes on a --height x --width canvas (default 3x the training width)
+    cond_vqgan_ckpt="",           # '' = the condition VQGAN the GPT was trained with
 )
 
 
@@ -193,6 +200,91 @@ def reconstruct(config):
     return path
 
 
+def foreground_agreement(images, semantic):
+    """How closely samples follow their semantic maps' foreground/background split, per sample:
+    images (B, 3, H, W) in [-1, 1], maps long (B, H, W) with 0 = background -> (B,) in [0, 1].
+
+    Every pixel gets its nearest palette colour (the built-in shapes are drawn in those 8). A
+    sample's background colour is the colour most of its map's background pixels have, and a
+    pixel agrees when it has the background colour exactly where the map says background: a
+    foreground pixel must have any other colour. (A map without background has no background
+    colour, so there every pixel agrees.)"""
+    palette = _palette_tensor()  # (8, 3)
+    pixels = images.permute(0, 2, 3, 1).reshape(len(images), -1, 3).float()
+    colour = torch.cdist(pixels, palette.expand(len(images), -1, -1)).argmin(-1)  # (B, H*W)
+    background = semantic.reshape(len(images), -1) == 0
+    agreement = []
+    for c, bg in zip(colour, background):
+        bg_colour = torch.bincount(c[bg], minlength=len(palette)).argmax() if bg.any() else -1
+        agreement.append(((c == bg_colour) == bg).float().mean())
+    return torch.stack(agreement)
+
+
+def load_cond_vqgan(gpt_ckpt, config, device):
+    """The condition VQGAN of a spatial GPT (the one it was trained with unless --cond_vqgan_ckpt)."""
+    path = config["cond_vqgan_ckpt"] or gpt_ckpt["cond_vqgan_ckpt"]
+    ckpt = load_checkpoint(path, "vqgan")
+    kind, n_codes = gpt_ckpt["cond_config"]["condition"], gpt_ckpt["model_config"]["n_cond_tokens"]
+    if ckpt["config"].get("condition", "") != kind or ckpt["model_config"]["n_codes"] != n_codes:
+        raise SystemExit(f"error: {path} is not a {kind} condition VQGAN with {n_codes} codes, which this GPT "
+                         f"was trained with (give the --cond_vqgan_ckpt it was trained with)")
+    return vqgan_from_checkpoint(ckpt).to(device).eval()
+
+
+def read_condition(gpt_ckpt, config):
+    """--cond -> (images (B, 3, H, W) or None, semantic maps (B, H, W) or None): 'scene' draws
+    num_samples scenes (maps and their pictures); a file gives one label map or one image."""
+    cond_config, name, cell = gpt_ckpt["cond_config"], config["cond"], gpt_ckpt["image_size"]
+    if name == "scene":
+        height, width = config["height"] or cell, config["width"] or 3 * cell
+        scenes = [draw_scene(height, width, cell, seed=config["seed"] + i) for i in range(config["num_samples"])]
+        return torch.stack([s[0] for s in scenes]), torch.stack([s[1] for s in scenes])
+    if not os.path.isfile(name):
+        raise SystemExit(f"error: --cond={name}: no such file (give a {'label PNG' if cond_config['condition'] == 'semantic' else 'image'}, "
+                         f"or --cond=scene)")
+    if cond_config["condition"] == "semantic":
+        return None, torch.from_numpy(read_label_map(name, cond_config["cond_classes"])).long()[None]
+    try:
+        return TF.to_tensor(open_rgb(name))[None] * 2 - 1, None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for unreadable files
+        raise SystemExit(f"error: --cond={name} could not be read as an image ({e})") from None
+
+
+@torch.no_grad()
+def sample_spatial(model, vqgan, gpt_ckpt, config, device):
+    """Sample images that follow a spatial condition of any size (the sliding window when it is
+    larger than the training crops). -> (rows of [condition, sample] or, for a low-resolution
+    condition, [image, sample, low-res input], images per row)."""
+    cond_vqgan, cond_config = load_cond_vqgan(gpt_ckpt, config, device), gpt_ckpt["cond_config"]
+    images, semantic = read_condition(gpt_ckpt, config)
+    height, width = (semantic if semantic is not None else images[:, 0]).shape[-2:]
+    # both sides must split into whole tokens of the image VQGAN and of the condition VQGAN
+    cond_f = cond_vqgan.downsample_factor * (cond_config["lowres_factor"] if cond_config["condition"] == "lowres" else 1)
+    step = math.lcm(vqgan.downsample_factor, cond_f)
+    if height % step or width % step:
+        raise SystemExit(f"error: the condition is {width}x{height} pixels; both sides must be multiples of {step} "
+                         f"(the VQGANs' downsampling; e.g. {max(step, width // step * step)}x{max(step, height // step * step)})")
+    h, w = token_grid_size(dict(config, height=height, width=width), gpt_ckpt, vqgan.downsample_factor)
+    x = condition_input((images, None, semantic), cond_config).to(device)
+    n = config["num_samples"]
+    r = cond_vqgan.encode(x)[1].expand(n, -1, -1)  # one file: the same condition for every sample
+    g = torch.Generator(device=device).manual_seed(config["seed"])
+    try:
+        tokens = sample_sliding_window(model, spatial_cond_tokens(model, r), h, w, *gpt_ckpt["grid_hw"], generator=g,
+                                       progress=True, **sampling_options(config))
+    except ValueError as e:  # a condition grid that does not tile the image grid
+        raise SystemExit(f"error: {e}") from None
+    samples = vqgan.decode_indices(tokens)
+    if semantic is not None and cond_config["data"] == "shapes":
+        agreement = foreground_agreement(samples.cpu().clamp(-1, 1), semantic.expand(n, -1, -1))
+        print(f"foreground/background agreement with the map: {agreement.mean().item():.3f} "
+              f"(per sample: {', '.join(f'{a:.2f}' for a in agreement.tolist())})")
+    pictures = show_condition(x, cond_config).expand(n, -1, -1, -1)
+    columns = [pictures, samples] if cond_config["condition"] == "semantic" else \
+        [images.to(device).expand(n, -1, -1, -1), samples, pictures]
+    return torch.stack(columns, 1).flatten(0, 1), len(columns)
+
+
 @torch.no_grad()
 def sample(config):
     if config["reconstruct"]:
@@ -201,7 +293,15 @@ def sample(config):
     model, vqgan, gpt_ckpt = load_models(config, device)
     if config["num_samples"] <= 0 or config["temperature"] <= 0 or not 0 < config["top_p"] <= 1 or config["top_k"] < 0:
         raise SystemExit("error: need --num_samples > 0, --temperature > 0, 0 < --top_p <= 1 and --top_k >= 0")
-    if config["complete"]:
+    spatial = gpt_ckpt["conditional"] == "spatial"
+    if spatial != bool(config["cond"]):
+        raise SystemExit(f"error: --cond is for spatially conditioned GPTs, and this one is {gpt_ckpt['conditional']}-"
+                         f"conditional (drop --cond)" if config["cond"] else
+                         f"error: this GPT is conditioned on {gpt_ckpt['cond_config']['condition']} maps: give "
+                         f"--cond=FILE or --cond=scene")
+    if spatial:
+        images, nrow = sample_spatial(model, vqgan, gpt_ckpt, config, device)
+    elif config["complete"]:
         images, nrow = complete_image(model, vqgan, gpt_ckpt, config, device)
     else:
         h, w = token_grid_size(config, gpt_ckpt, vqgan.downsample_factor)

@@ -360,6 +360,15 @@ def hinge_g_loss(logits_fake):
     return -logits_fake.mean()
 
 
+def semantic_rec_loss(logits, one_hot):
+    """L_rec of a condition VQGAN for semantic maps: per-pixel cross-entropy between the decoder's
+    class logits (B, C, H, W) and the one-hot input map (B, C, H, W), mean over pixels. It
+    replaces L1 + LPIPS + GAN: a map has classes, not colours. (The official segmentation VQGAN
+    uses binary cross-entropy on each one-hot channel; softmax cross-entropy says that the
+    classes exclude each other, and decoding takes their argmax either way.)"""
+    return F.cross_entropy(logits, one_hot.argmax(1))
+
+
 def adaptive_weight(rec_loss, g_loss, last_layer, delta=1e-6, max_weight=1e4):
     """Eq. (7): lambda = || grad_{G_L} L_rec || / ( || grad_{G_L} L_GAN || + delta ).
 
