@@ -1483,3 +1483,243 @@ def test_sample_from_an_official_transformer_checkpoint(tmp_path, capsys):
                                if not k.startswith("first_stage_model.")}}, path)
     with pytest.raises(SystemExit, match="no tensor 'encoder.conv_in.weight'"):
         sample.sample(base)
+
+
+# =============================================================================
+# Issue 5: spatial conditioning (Eq. (10) with a condition VQGAN): semantic maps to images
+
+from gpt import spatial_cond_tokens  # noqa: E402 - this section's own imports
+from vqgan import semantic_rec_loss  # noqa: E402
+
+
+def test_spatial_loss_ignores_every_condition_position():
+    # [r, s] with a 2x2 condition grid r (4 tokens) and 3 image tokens s; K = 5 image codes
+    m = GPT(n_codes=5, block_size=7, n_layer=1, n_head=1, n_embd=8, n_cond_tokens=3)
+    r, s = torch.tensor([[[2, 0], [1, 2]]]), torch.tensor([[4, 0, 3]])
+    seq = train_gpt.make_sequences(m, s, r, "spatial")
+    assert seq.tolist() == [[7, 5, 6, 7, 4, 0, 3]]  # condition code c -> id K + c, then s
+    # logits at positions 0..2 (which would predict r's tokens) are wild; from position 3 = len(r) - 1
+    # on they are uniform over the 5 codes, so the loss must be exactly log 5 whatever the rest says
+    logits = torch.zeros(1, 6, 5)
+    logits[0, :3] = torch.randn(3, 5) * 100
+    logits.requires_grad_(True)
+    loss = gpt_loss(logits, seq, n_cond=4)
+    assert loss.item() == pytest.approx(np.log(5))
+    loss.backward()
+    assert logits.grad[0, :3].abs().sum() == 0 and logits.grad[0, 3:].abs().sum() > 0
+    with pytest.raises(ValueError, match=r"condition codes must be in \[0, 3\)"):
+        spatial_cond_tokens(m, torch.tensor([[[3]]]))
+
+
+def test_semantic_reconstruction_loss_and_accuracy_by_hand():
+    one_hot = train_vqgan.one_hot_map(torch.tensor([[[0, 0, 1]]]), 2)  # 1 map of 1x3 pixels, classes 0, 0, 1
+    assert one_hot.tolist() == [[[[1.0, 1.0, 0.0]], [[0.0, 0.0, 1.0]]]]
+    # pixel 1: logits (0, 0) -> -log 1/2; pixel 2: (log 3, 0) -> -log 3/4; pixel 3: (0, log 3), class 1 -> -log 3/4
+    logits = torch.tensor([[[[0.0, np.log(3), 0.0]], [[0.0, 0.0, np.log(3)]]]])
+    expected = (np.log(2) + 2 * np.log(4 / 3)) / 3
+    assert semantic_rec_loss(logits, one_hot).item() == pytest.approx(expected, rel=1e-6)
+    # argmax: pixel 1 is a tie (argmax picks class 0, right), pixels 2 and 3 right; flip pixel 3 -> 2/3
+    assert train_vqgan.pixel_accuracy(logits, one_hot).tolist() == [1.0]
+    assert train_vqgan.pixel_accuracy(-logits, one_hot).item() == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match=r"class id out of range \[0, 2\)"):
+        train_vqgan.one_hot_map(torch.tensor([[[0, 2]]]), 2)
+
+
+def test_condition_vqgan_round_trips_semantic_maps(tmp_path):
+    # 16x16 shapes' maps, K = 16 codes, f = 2: a few hundred steps give well over the 70% that
+    # "all background" would score; the PNG shows the maps in colour, the checkpoint records the kind
+    torch.manual_seed(0)
+    config = tiny_train_config(tmp_path, condition="semantic", cond_classes=4, max_steps=250, eval_interval=250,
+                               eval_images=64, batch_size=8, lr=3e-3)
+    model = train_vqgan.train(config).eval()
+    maps = torch.stack([ShapesDataset(32, 16, seed=7)[i][2] for i in range(32)])
+    x = train_vqgan.one_hot_map(maps, 4)
+    with torch.no_grad():
+        accuracy = train_vqgan.pixel_accuracy(model(x)[0], x).mean().item()
+    assert accuracy > 0.9, accuracy
+    ckpt = train_vqgan.load_checkpoint(str(tmp_path / "ckpt.pt"), "vqgan")
+    assert ckpt["config"]["condition"] == "semantic" and ckpt["config"]["cond_classes"] == 4
+    assert ckpt["model_config"]["in_channels"] == ckpt["model_config"]["out_channels"] == 4
+    png = np.array(Image.open(tmp_path / "recon_000250.png"))
+    assert {tuple(c) for c in png.reshape(-1, 3)} <= {(0, 0, 0), (255, 255, 255), (230, 25, 25), (25, 180, 25),
+                                                       (30, 60, 230), (128, 128, 128)}  # class colours + padding
+
+
+class EchoCondition:
+    """A stub GPT for the sliding window: its logits at the newest position pick the code
+    1 + (the first condition token it sees - K), and it records the condition part of every
+    sequence it is fed, so a test can check which condition window was visible for each token."""
+
+    n_codes, block_size = 64, 100
+
+    def __init__(self, n_cond):
+        self.n_cond, self.seen = n_cond, []
+
+    def new_kv_cache(self, batch_size):
+        cache = KVCache(1, 1, 1, 1, 1, "cpu", torch.float32)  # only its length is used
+        cache.seq = None
+        return cache
+
+    def __call__(self, idx, cache):
+        cache.seq = idx if cache.length == 0 else torch.cat([cache.seq, idx], 1)
+        cache.length += idx.size(1)
+        self.seen.append(cache.seq[:, :self.n_cond].clone())
+        logits = torch.full((idx.size(0), idx.size(1), self.n_codes), -1e9)
+        logits[torch.arange(idx.size(0)), -1, 1 + cache.seq[:, 0] - self.n_codes] = 0.0
+        return logits
+
+
+@pytest.mark.parametrize("h, w, hc, wc, wh, ww, first", [
+    # same grid size (semantic maps): the windows of the plain rule, along the width 0 0 1 2 3 4
+    (2, 6, 2, 6, 2, 2, [0, 0, 1, 2, 3, 4]),
+    # a condition grid half as fine (a low-res image): windows move in steps of 2 image tokens;
+    # the 2x2 condition window starts at condition column 0 0 0 0 1 1 2 2
+    (4, 8, 2, 4, 4, 4, [0, 0, 0, 0, 1, 1, 2, 2]),
+])
+def test_sliding_window_conditional_sampling_uses_the_condition_window_under_each_token(h, w, hc, wc, wh, ww, first):
+    r = torch.arange(hc * wc).view(1, hc, wc)  # condition code = its raster position
+    n_cond = (wh * hc // h) * (ww * wc // w)
+    stub = EchoCondition(n_cond)
+    grid = sample_sliding_window(stub, stub.n_codes + r, h, w, wh, ww)
+    # every position written (the stub never writes 0), each from the first token of its window
+    assert grid.tolist() == [[[1 + c for c in first]] * h]
+    # and each token saw exactly the condition window under its image window, in raster order
+    ratio = h // hc
+    for k, seen in enumerate(stub.seen):
+        i, j = divmod(k, w)
+        r0, c0 = window_start(i // ratio, hc, wh // ratio), window_start(j // ratio, wc, ww // ratio)
+        assert seen.tolist() == (stub.n_codes + r[:, r0:r0 + wh // ratio, c0:c0 + ww // ratio]).flatten(1).tolist()
+    assert len(stub.seen) == h * w
+    with pytest.raises(ValueError, match="does not tile"):
+        sample_sliding_window(stub, stub.n_codes + torch.zeros(1, 3, 3, dtype=torch.long), 4, 8, 4, 4)
+
+
+def test_foreground_agreement_by_hand():
+    red, white, black = (torch.tensor(PALETTE[i], dtype=torch.float32) / 127.5 - 1 for i in (2, 1, 0))
+    semantic = torch.tensor([[[0, 0], [1, 0]]]).expand(3, 2, 2)
+    # sample 1: background red, red, white (a stray pixel); foreground white -> 3 of 4 agree
+    # sample 2: the foreground pixel has the background colour -> 3 of 4; sample 3: all right, with noise
+    pixels = [[red, red, white, white], [black, black, black, black], [red, red, white, red]]
+    images = torch.stack([torch.stack(p).T.reshape(3, 2, 2) for p in pixels])
+    images[2] += 0.1 * torch.randn(3, 2, 2)  # still nearest to its palette colour
+    agreement = sample.foreground_agreement(images, semantic)
+    assert agreement.tolist() == pytest.approx([0.75, 0.75, 1.0])
+
+
+def test_draw_scene_one_shape_per_cell():
+    image, semantic = train_vqgan.draw_scene(16, 48, 16, seed=3)
+    assert image.shape == (3, 16, 48) and semantic.shape == (16, 48)
+    for k in range(3):  # each 16x16 cell holds one shape of one class
+        ids = set(semantic[:, 16 * k:16 * (k + 1)].unique().tolist())
+        assert len(ids) == 2 and 0 in ids
+    # the picture and the map agree: background pixels share one colour, shape pixels have another
+    background = image[:, semantic == 0]
+    assert torch.equal(background, background[:, :1].expand_as(background))
+    assert not (image[:, semantic > 0] == background[:, :1]).all(0).any()
+
+
+@pytest.fixture(scope="module")
+def spatial_runs(tmp_path_factory):
+    """A 2-step image VQGAN, a 2-step semantic condition VQGAN and a 2-step spatial GPT, 16x16 shapes."""
+    root = tmp_path_factory.mktemp("spatial")
+    torch.manual_seed(0)
+    train_vqgan.train(tiny_train_config(root / "vqgan", max_steps=2, disc_start=10))
+    train_vqgan.train(tiny_train_config(root / "cond", max_steps=2, condition="semantic", cond_classes=4))
+    gpt_config = dict(train_gpt.CONFIG, vqgan_ckpt=str(root / "vqgan" / "ckpt.pt"), out_dir=str(root / "gpt"),
+                      max_images=32, n_layer=1, n_head=2, n_embd=16, batch_size=8, max_steps=2, eval_interval=2,
+                      eval_batches=1, num_samples=2, conditional="spatial", cond_vqgan_ckpt=str(root / "cond" / "ckpt.pt"),
+                      device="cpu", warmup_steps=1)
+    train_gpt.train(gpt_config)
+    return root, gpt_config
+
+
+def test_spatial_gpt_trains_on_cached_condition_grids_and_samples_any_size(spatial_runs, tmp_path, capsys):
+    root, _ = spatial_runs
+    ckpt = train_vqgan.load_checkpoint(str(root / "gpt" / "ckpt.pt"), "gpt")
+    assert ckpt["conditional"] == "spatial" and ckpt["cond_grid_hw"] == [8, 8] and ckpt["cond_config"]["condition"] == "semantic"
+    assert ckpt["model_config"]["block_size"] == 64 + 64 and ckpt["model_config"]["n_cond_tokens"] == 16
+    cache = torch.load(next((root / "gpt").glob("tokens_*.pt")), weights_only=True)
+    cond_vqgan = train_vqgan.vqgan_from_checkpoint(train_vqgan.load_checkpoint(str(root / "cond" / "ckpt.pt"), "vqgan"))
+    maps = torch.stack([ShapesDataset(4, 16, seed=0)[i][2] for i in range(4)])
+    assert torch.equal(cache["train_cond"][:4], cond_vqgan.eval().encode(train_vqgan.one_hot_map(maps, 4))[1])
+    base = dict(sample.CONFIG, gpt_ckpt=str(root / "gpt" / "ckpt.pt"), device="cpu", num_samples=2)
+    path = sample.sample(dict(base, cond="scene", out=str(tmp_path / "wide.png")))  # 16 x 48: 3x the training width
+    assert Image.open(path).size == (2 + 2 * 50, 2 + 2 * 18)  # rows of [map | sample]
+    assert "foreground/background agreement with the map" in capsys.readouterr().out
+    labels = tmp_path / "map.png"
+    Image.fromarray(np.pad(np.full((8, 8), 2, np.uint8), 4)).save(labels)  # a 16x16 map with one square
+    path = sample.sample(dict(base, cond=str(labels), out=str(tmp_path / "one.png")))
+    assert Image.open(path).size == (2 + 2 * 18, 2 + 2 * 18)
+
+
+def test_spatial_conditioning_errors_are_one_clear_line(spatial_runs, tiny_runs, tmp_path):
+    root, gpt_config = spatial_runs
+    base = dict(sample.CONFIG, gpt_ckpt=str(root / "gpt" / "ckpt.pt"), device="cpu", num_samples=1,
+                out=str(tmp_path / "x.png"))
+    odd, high, rgb = tmp_path / "odd.png", tmp_path / "high.png", tmp_path / "rgb.png"
+    Image.fromarray(np.zeros((16, 15), np.uint8)).save(odd)
+    Image.fromarray(np.full((16, 16), 9, np.uint8)).save(high)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(rgb)
+    cases = [(base, dict(cond=str(odd)), "is 15x16 pixels; both sides must be multiples of 2"),
+             (base, dict(cond="scene", width=8), "smaller than the training size"),
+             (base, dict(cond=str(high)), "has class id 9, out of range for 4 classes"),
+             (base, dict(cond=str(rgb)), "is a mode-RGB image; a label map has one channel"),
+             (base, dict(cond=str(tmp_path / "nope.png")), "no such file"),
+             (base, {}, "this GPT is conditioned on semantic maps: give --cond=FILE or --cond=scene"),
+             (base, dict(cond="scene", cond_vqgan_ckpt=gpt_config["vqgan_ckpt"]), "is not a semantic condition VQGAN"),
+             (dict(base, gpt_ckpt=str(tiny_runs[0] / "gpt" / "ckpt.pt")), dict(cond="scene"),
+              "--cond is for spatially conditioned GPTs, and this one is class-conditional")]
+    for config, overrides, words in cases:
+        with pytest.raises(SystemExit) as e:
+            sample.sample(dict(config, **overrides))
+        assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+    # training: an image VQGAN as the condition, a missing partner flag, bad condition flags
+    with pytest.raises(SystemExit, match="is an image VQGAN, not a condition VQGAN"):
+        train_gpt.train(dict(gpt_config, cond_vqgan_ckpt=gpt_config["vqgan_ckpt"], out_dir=str(tmp_path / "g")))
+    with pytest.raises(SystemExit, match="go together"):
+        train_gpt.resolve_config(dict(conditional="spatial"))
+    for flags, words in [(dict(condition="depth"), "--condition=depth is not one of semantic, lowres"),
+                         (dict(condition="semantic", cond_classes=3), "the shapes have 4 classes"),
+                         (dict(condition="semantic", data="cifar10"), "needs semantic maps"),
+                         (dict(cond_data="labels"), "--cond_data is for --condition=semantic with --data=PATH"),
+                         (dict(condition="lowres", lowres_factor=3), "must be >= 2 and divide --image_size=32"),
+                         (dict(condition="lowres"), "= 8 is too small for a discriminator")]:
+        with pytest.raises(SystemExit, match=words):
+            train_vqgan.resolve_config(flags)
+    assert train_vqgan.resolve_config(dict(condition="semantic"))["cond_classes"] == 4
+
+
+def test_semantic_maps_from_a_folder_of_label_pngs(tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    (images / "sub").mkdir(parents=True)
+    (labels / "sub").mkdir(parents=True)
+    for name in ("a", "b", "sub/c"):
+        Image.fromarray(np.full((20, 24, 3), 100, np.uint8)).save(images / f"{name}.jpg")
+        Image.fromarray(np.tile(np.arange(24, dtype=np.uint8) // 8, (20, 1))).save(labels / f"{name}.png")
+    train, val = make_datasets(str(images), 16, val_fraction=0.3, cond_data=str(labels), cond_classes=3)
+    image, label, semantic = train[0]
+    assert image.shape == (3, 16, 16) and label == -1 and semantic.dtype == torch.long
+    # resized with nearest neighbours (24 -> 19 wide), centre-cropped: ids stay ids, in column order
+    assert set(semantic.unique().tolist()) == {0, 1, 2} and torch.equal(semantic[0], semantic[0].sort().values)
+    with pytest.raises(SystemExit, match=r"labels/.*\.png has class id 2, out of range for 2 classes"):
+        make_datasets(str(images), 16, val_fraction=0.3, cond_data=str(labels), cond_classes=2)
+    (labels / "b.png").unlink()
+    with pytest.raises(SystemExit, match="no label PNG at .*b.png"):
+        make_datasets(str(images), 16, val_fraction=0.3, cond_data=str(labels), cond_classes=3)
+
+
+def test_load_official_depth_to_image_transformer():
+    # The official [r, s] model indexes ONE table with both grids' codes; build one (our GPT with
+    # no conditioning rows stands in for the official minGPT) and convert it
+    torch.manual_seed(0)
+    official = GPT(16, 12, n_layer=1, n_head=2, n_embd=16, n_cond_tokens=0).eval()
+    with torch.no_grad():
+        official.pos_emb.normal_()
+    vqgan = tiny_vqgan()
+    ours = load_official_gpt(official_transformer_layout(official, vqgan), cond="spatial", n_classes=8, n_head=2).eval()
+    assert ours.n_cond_tokens == 8 and ours.block_size == 12
+    r, s = torch.randint(0, 8, (2, 2, 3)), torch.randint(0, 16, (2, 5))
+    with torch.no_grad():
+        theirs_logits = official(torch.cat([r.flatten(1), s], 1))
+        our_logits = ours(torch.cat([spatial_cond_tokens(ours, r).flatten(1), s], 1))
+    torch.testing.assert_close(our_logits, theirs_logits)
