@@ -7,6 +7,7 @@ then decode it with the VQGAN in one pass.
     python sample.py --class_label=2                   # class-conditional models: one class
     python sample.py --width=96                        # wider than trained: the sliding window
     python sample.py --complete=photo.png              # keep the top half, sample the rest
+    python sample.py --gpt_ckpt=out/gpt_spatial/ckpt.pt --cond=scene   # spatial GPT: shapes where a map puts them
     python sample.py --reconstruct=photo.png --vqgan_ckpt=last.ckpt
                                                        # image | VQGAN reconstruction, PSNR (own or official VQGAN)
 
@@ -60,6 +61,10 @@ def load_official_transformer(ckpt, config):
     path, n_classes = config["gpt_ckpt"], config["official_classes"]
     sd = official_state_dict(ckpt, path)
     first_stage = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    if "cond_stage_model.encoder.conv_in.weight" in sd:  # a condition VQGAN: depth-to-image and the like
+        raise SystemExit(f"error: {path} is a spatially conditioned transformer (it holds a cond_stage_model VQGAN), "
+                         f"which sample.py cannot sample yet (gpt.load_official_gpt(sd, cond='spatial', n_classes=K) "
+                         f"converts its transformer)")
     try:
         model = load_official_gpt(sd, cond="class" if n_classes else "sos", n_classes=n_classes, n_head=config["n_head"])
         vqgan, _ = load_official_vqgan(first_stage)
