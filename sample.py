@@ -300,10 +300,12 @@ def sample(config):
         raise SystemExit("error: need --num_samples > 0, --temperature > 0, 0 < --top_p <= 1 and --top_k >= 0")
     spatial = gpt_ckpt["conditional"] == "spatial"
     if spatial != bool(config["cond"]):
-        raise SystemExit(f"error: --cond is for spatially conditioned GPTs, and this one is {gpt_ckpt['conditional']}-"
-                         f"conditional (drop --cond)" if config["cond"] else
-                         f"error: this GPT is conditioned on {gpt_ckpt['cond_config']['condition']} maps: give "
-                         f"--cond=FILE or --cond=scene")
+        kind = "unconditional" if gpt_ckpt["conditional"] == "none" else f"{gpt_ckpt['conditional']}-conditional"
+        raise SystemExit(f"error: --cond is for spatially conditioned GPTs, and this one is {kind} (drop --cond)"
+                         if config["cond"] else f"error: this GPT is conditioned on {gpt_ckpt['cond_config']['condition']} "
+                         f"maps: give --cond=FILE or --cond=scene")
+    if spatial and config["complete"]:
+        raise SystemExit("error: --complete is for unconditional and class-conditional GPTs (use --cond with this one)")
     if spatial:
         images, nrow = sample_spatial(model, vqgan, gpt_ckpt, config, device)
     elif config["complete"]:

@@ -1666,6 +1666,7 @@ def test_spatial_conditioning_errors_are_one_clear_line(spatial_runs, tiny_runs,
              (base, dict(cond=str(rgb)), "is a mode-RGB image; a label map has one channel"),
              (base, dict(cond=str(tmp_path / "nope.png")), "no such file"),
              (base, {}, "this GPT is conditioned on semantic maps: give --cond=FILE or --cond=scene"),
+             (base, dict(cond="scene", complete=str(odd)), "--complete is for unconditional and class-conditional"),
              (base, dict(cond="scene", cond_vqgan_ckpt=gpt_config["vqgan_ckpt"]), "is not a semantic condition VQGAN"),
              (dict(base, gpt_ckpt=str(tiny_runs[0] / "gpt" / "ckpt.pt")), dict(cond="scene"),
               "--cond is for spatially conditioned GPTs, and this one is class-conditional")]
