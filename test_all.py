@@ -1335,6 +1335,24 @@ def test_load_official_vqgan_round_trips_model_and_discriminator():
     assert load_official_vqgan(model.state_dict())[1] is None
 
 
+def test_paper_size_vqgan_round_trips_under_the_official_key_names(tmp_path):
+    torch.manual_seed(0)
+    model, disc = VQGAN(**PAPER_CONFIG), Discriminator(ndf=64, n_layers=3)
+    ckpt = official_layout(model, disc)
+    # every key and shape of the published ImageNet f16 checkpoint (LPIPS aside), and nothing else
+    official = torch.load(FIXTURE, weights_only=True)["paper_vqgan_keys"]
+    ours = {k: list(v.shape) for k, v in ckpt["state_dict"].items() if not k.startswith("loss.perceptual_loss.")}
+    assert ours == official
+    path = tmp_path / "paper.ckpt"
+    torch.save(ckpt, path)
+    loaded, loaded_disc = load_official_vqgan(train_vqgan.load_official_state_dict(path))
+    assert loaded.config == model.config
+    for mine, theirs in ((model, loaded), (disc, loaded_disc)):
+        sd = theirs.state_dict()
+        assert sd.keys() == mine.state_dict().keys()
+        assert all(torch.equal(v, sd[k]) for k, v in mine.state_dict().items())
+
+
 def test_load_official_vqgan_names_missing_and_unexpected_keys():
     model, disc = tiny_vqgan(), Discriminator(ndf=8, n_layers=2)
     sd = official_layout(model, disc)["state_dict"]
