@@ -1,11 +1,22 @@
 """
 The tests of taming-mini: the math of every equation against hand-computed values, the behaviour
 of the scripts, and their clear errors. Run: python -m pytest -q test_all.py  (minutes on 2 CPU cores)
+
+Course kit (see EXERCISES below):
+    python test_all.py --list-exercises          # the functions a course can blank out, and their tests
+    python test_all.py --blank=codebook_loss     # a copy of the project with that function blanked
+    python test_all.py --exercise=codebook_loss  # grade it: run only the tests that grade it
 """
 
+import ast
 import copy
+import functools
 import os
+import re
+import shutil
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 
@@ -34,9 +45,113 @@ from vqgan import (PAPER_CONFIG, VQGAN, Discriminator, VectorQuantizer, adaptive
 # wait on each other make the suite many times slower.
 torch.set_num_threads(1)
 
-# The official implementation's outputs for small random models (a 190 KB part of
+# The official implementation's outputs for small random models (a 1.9 MB part of
 # shared/reference/official_small.pt: CompVis/taming-transformers @3ba01b2, fp32 on the CPU).
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_small_fixture.pt")
+
+
+# =============================================================================
+# Course kit. Each equation lives in one small self-contained function; a course blanks one out
+# (its body becomes `raise NotImplementedError`) and the tests marked @grades(name) grade the
+# student's version. Blanking one makes exactly its grading tests fail, each with one line that
+# names the missing equation (tested below: test_blanking_an_exercise_fails_exactly_its_tests).
+# The end-to-end tests (training, sampling) need the functions too, so they fail as well until
+# the exercise is done: grade with --exercise=NAME, which runs only the grading tests.
+
+EXERCISES = {  # function: (file, what the student writes)
+    "nearest_code": ("vqgan.py", "Eq. (2): the index of the nearest codebook entry, argmin_k ||z - e_k||^2"),
+    "straight_through": ("vqgan.py", "the straight-through estimator: forward z_q, backward the gradient to z_e"),
+    "codebook_loss": ("vqgan.py", "Eq. (4), codebook term: ||sg[E(x)] - z_q||^2"),
+    "commitment_loss": ("vqgan.py", "Eq. (4), commitment term: beta ||sg[z_q] - E(x)||^2"),
+    "hinge_d_loss": ("vqgan.py", "Eq. (5), discriminator: mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat))), halved"),
+    "hinge_g_loss": ("vqgan.py", "Eq. (5), generator: -mean(D(x_hat))"),
+    "adaptive_weight": ("vqgan.py", "Eq. (7): lambda = ||grad L_rec|| / (||grad L_GAN|| + delta) at the last layer"),
+    "gpt_loss": ("gpt.py", "Eq. (8)/(9): mean cross-entropy of each image token given the ones before it"),
+    "cond_tokens": ("gpt.py", "Eq. (10): the conditioning token(s) put before the image tokens"),
+    "top_k_filter": ("gpt.py", "top-k sampling: keep the k most likely codes"),
+    "top_p_filter": ("gpt.py", "top-p (nucleus) sampling: keep the smallest set holding probability p"),
+    "window_start": ("gpt.py", "the sliding window rule (Sec. 3.2, Fig. 3): where the window around a token starts"),
+}
+GRADED_BY = {name: [] for name in EXERCISES}  # exercise -> names of its grading tests (filled by @grades)
+
+
+def innermost_function(error):
+    """The name of the function an exception was raised in."""
+    tb = error.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_name
+
+
+def grades(*names):
+    """Marks a test as grading the exercises `names`. A blank exercise (NotImplementedError) then
+    fails the test with one line naming the missing equation instead of a traceback."""
+    def mark(test):
+        for name in names:
+            GRADED_BY[name].append(test.__name__)
+
+        @functools.wraps(test)  # pytest still sees the test's own arguments (fixtures, parameters)
+        def graded(*args, **kwargs):
+            try:
+                return test(*args, **kwargs)
+            except NotImplementedError as e:
+                blank = innermost_function(e)
+                if blank not in EXERCISES:
+                    raise
+                file, what = EXERCISES[blank]
+                pytest.fail(f"exercise {file}:{blank} is blank: write {what}", pytrace=False)
+        return graded
+    return mark
+
+
+def blank_function(source, name):
+    """Python source with function `name`'s body (after its docstring) replaced by
+    `raise NotImplementedError(...)`: the form in which a course hands an exercise out."""
+    node = next((n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == name), None)
+    if node is None:
+        raise ValueError(f"no function {name} in this file")
+    has_docstring = isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) \
+        and isinstance(node.body[0].value.value, str)
+    first = node.body[1] if has_docstring and len(node.body) > 1 else node.body[0]
+    lines = source.splitlines(keepends=True)
+    indent = " " * first.col_offset
+    todo = f"{indent}raise NotImplementedError(\"exercise: {EXERCISES[name][1]}\")\n"
+    return "".join(lines[:first.lineno - 1] + [todo] + lines[node.end_lineno:])
+
+
+def write_blanked_copy(name, folder):
+    """Copy the project's files into `folder` with exercise `name` blanked; returns the folder."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.makedirs(folder, exist_ok=True)
+    for file in os.listdir(here):
+        if file.endswith(".py") or file in ("official_small_fixture.pt", "README.md"):
+            shutil.copy(os.path.join(here, file), folder)
+    path = os.path.join(folder, EXERCISES[name][0])
+    with open(path) as f:
+        source = blank_function(f.read(), name)
+    with open(path, "w") as f:
+        f.write(source)
+    return folder
+
+
+def course_kit(argv):
+    """python test_all.py --list-exercises | --blank=NAME | --exercise=NAME"""
+    flag, _, name = (argv[0] if argv else "").partition("=")
+    if flag == "--list-exercises":
+        for ex, (file, what) in EXERCISES.items():
+            print(f"{file}:{ex}\n    {what}\n    graded by: {', '.join(GRADED_BY[ex])}")
+        return 0
+    if flag in ("--blank", "--exercise") and name not in EXERCISES:
+        raise SystemExit(f"error: no exercise '{name}' (python test_all.py --list-exercises names them)")
+    if flag == "--blank":
+        folder = write_blanked_copy(name, os.path.join("exercises", name))
+        print(f"wrote {folder}/ : the project with {EXERCISES[name][0]}:{name} blanked; "
+              f"grade it there with: python test_all.py --exercise={name}")
+        return 0
+    if flag == "--exercise":
+        return pytest.main(["-q", "-p", "no:cacheprovider"] + [f"{__file__}::{t}" for t in GRADED_BY[name]])
+    raise SystemExit("usage: python test_all.py --list-exercises | --blank=NAME | --exercise=NAME "
+                     "(the full suite: python -m pytest -q test_all.py)")
 
 
 # =============================================================================
@@ -58,6 +173,7 @@ def tiny_train_config(out_dir, **kw):
     return config
 
 
+@grades("nearest_code")
 def test_nearest_code_picks_the_closest_code_eq2():
     codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [-3.0, -3.0]])
     z = torch.tensor([[0.1, 0.1], [0.9, -0.2], [0.2, 1.4], [-1.0, -1.0], [-2.0, -2.5], [0.6, 0.0]])
@@ -69,6 +185,7 @@ def test_nearest_code_picks_the_closest_code_eq2():
     assert torch.equal(nearest_code(z, codebook), brute)
 
 
+@grades("straight_through")
 def test_straight_through_copies_the_gradient_unchanged():
     z_e = torch.randn(2, 3, 4, 4, requires_grad=True)
     z_q = torch.randn(2, 3, 4, 4)
@@ -80,6 +197,7 @@ def test_straight_through_copies_the_gradient_unchanged():
     assert torch.equal(z_e.grad, upstream)
 
 
+@grades("codebook_loss", "commitment_loss")
 def test_codebook_and_commitment_losses_move_the_right_side_eq4():
     codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
     z_e = torch.tensor([[0.5, 0.0], [0.0, 3.0]], requires_grad=True)
@@ -100,6 +218,7 @@ def test_codebook_and_commitment_losses_move_the_right_side_eq4():
     assert torch.allclose(z_e.grad, 0.25 * 2 * torch.tensor([[-0.5, 0.0], [0.0, 2.0]]) / 4)
 
 
+@grades("nearest_code", "straight_through", "codebook_loss", "commitment_loss")
 def test_vector_quantizer_gradients_beta_on_commitment():
     torch.manual_seed(0)
     vq = VectorQuantizer(n_codes=8, code_dim=3, beta=0.25)
@@ -116,6 +235,7 @@ def test_vector_quantizer_gradients_beta_on_commitment():
     assert torch.allclose(vq.embedding.weight.grad, expected, atol=1e-7)
 
 
+@grades("hinge_d_loss", "hinge_g_loss")
 def test_hinge_losses_on_known_logits_eq5():
     real = torch.tensor([2.0, 0.5, -1.0])
     fake = torch.tensor([-2.0, 0.0, 1.0])
@@ -126,6 +246,7 @@ def test_hinge_losses_on_known_logits_eq5():
     assert hinge_d_loss(torch.full((4,), 3.0), torch.full((4,), -3.0)).item() == 0.0
 
 
+@grades("adaptive_weight")
 def test_adaptive_weight_is_the_ratio_of_gradient_norms_eq7():
     last = torch.zeros(4, requires_grad=True)
     a = torch.tensor([3.0, 4.0, 0.0, 0.0])  # grad of rec wrt last: norm 5
@@ -310,6 +431,7 @@ def test_load_checkpoint_errors(tmp_path):
         train_vqgan.load_checkpoint(str(tmp_path / "code.pt"), "vqgan")
 
 
+@grades("nearest_code", "straight_through", "codebook_loss", "commitment_loss")
 def test_quantizer_matches_the_official_one():
     ref = torch.load(FIXTURE, weights_only=True)["quantizers"]
     for name in ("vq2_legacyFalse", "vq2_legacyTrue"):
@@ -329,6 +451,7 @@ def test_quantizer_matches_the_official_one():
         assert same_z == same_codebook == (name == "vq2_legacyFalse")
 
 
+@grades("hinge_d_loss", "adaptive_weight")
 def test_loss_helpers_match_the_official_ones():
     r = torch.load(FIXTURE, weights_only=True)["loss_helpers"]
     assert hinge_d_loss(r["logits_real"], r["logits_fake"]).item() == pytest.approx(r["hinge_d_loss"].item(), rel=1e-6)
@@ -896,6 +1019,7 @@ def test_kv_cache_matches_full_forward():
     torch.testing.assert_close(m(idx[:, :9], cache), full[:, :9], atol=1e-5, rtol=1e-5)
 
 
+@grades("top_k_filter", "top_p_filter")
 def test_matches_official_mingpt():
     """Load the official minGPT weights with load_official_gpt (separate query/key/value fused
     into qkv) and compare against the official logits and samples recorded in official_small.pt."""
@@ -931,6 +1055,7 @@ def test_matches_official_mingpt():
 
 # --- loss, pkeep, conditioning ---------------------------------------------------------------
 
+@grades("gpt_loss")
 def test_gpt_loss_hand_computed():
     K, n_cond = 4, 2
     seq = torch.tensor([[4, 5, 1, 3, 0]])  # 2 cond tokens, 3 image tokens
@@ -963,6 +1088,7 @@ def test_corrupt_tokens_fraction():
     assert torch.equal(tokens, torch.randint(0, K, (200, 500), generator=torch.Generator().manual_seed(0)))
 
 
+@grades("cond_tokens")
 def test_cond_tokens():
     m = tiny_gpt(n_codes=16)
     assert torch.equal(cond_tokens(m, None, 3, "cpu"), torch.full((3, 1), 16))
@@ -985,6 +1111,7 @@ def kept(filtered):
     return [torch.nonzero(r > float("-inf")).flatten().tolist() for r in filtered]
 
 
+@grades("top_k_filter")
 def test_top_k_filter():
     logits = torch.tensor([[1.0, 5.0, 3.0, -2.0, 4.0],
                            [0.0, 0.0, 9.0, 1.0, 0.5]])
@@ -998,6 +1125,7 @@ def test_top_k_filter():
     assert kept(top_k_filter(torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0]]), 2)) == [[0, 2, 3]]
 
 
+@grades("top_p_filter")
 def test_top_p_filter():
     probs = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.05]])
     logits = probs.log()
@@ -1029,6 +1157,7 @@ def test_top_p_filter():
         assert set(kept(out[r:r + 1])[0]) == set(order[:n].tolist())
 
 
+@grades("top_k_filter")
 def test_greedy_and_temperature():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 10, generator=g)
@@ -1049,6 +1178,7 @@ def test_greedy_and_temperature():
         sample_logits(row, temperature=0.0)
 
 
+@grades("top_k_filter", "top_p_filter")
 def test_generate_cached_equals_uncached():
     m = tiny_gpt(std=0.3)
     prefix = torch.tensor([[16, 3, 5], [16, 1, 1]])
@@ -1073,6 +1203,7 @@ def test_generate_greedy_is_argmax_of_full_forward():
 
 # --- the sliding window ----------------------------------------------------------------------
 
+@grades("window_start")
 def test_window_start():
     assert [window_start(i, 32, 16) for i in (0, 8, 9, 20, 24, 25, 31)] == [0, 0, 1, 12, 16, 16, 16]
     assert all(window_start(i, 16, 16) == 0 for i in range(16))
@@ -1083,6 +1214,7 @@ def test_window_start():
         assert starts == sorted(starts)
 
 
+@grades("window_start", "cond_tokens", "top_k_filter")
 def test_sliding_window_equals_generate_on_window_sized_grid():
     m = tiny_gpt(n_cond_tokens=3, std=0.3)
     cond = cond_tokens(m, [0, 2], 2, "cpu")
@@ -1108,6 +1240,7 @@ def naive_sliding_window(m, cond, h, w, wh, ww, generator):
     return grid
 
 
+@grades("window_start", "cond_tokens")
 def test_sliding_window_larger_grid_matches_naive():
     m = tiny_gpt(n_codes=16, block_size=17, std=0.3)
     cond = cond_tokens(m, None, 2, "cpu")
@@ -1501,3 +1634,37 @@ def test_sample_from_an_official_transformer_checkpoint(tmp_path, capsys):
                                if not k.startswith("first_stage_model.")}}, path)
     with pytest.raises(SystemExit, match="no tensor 'encoder.conv_in.weight'"):
         sample.sample(base)
+
+
+def test_blanking_an_exercise_fails_exactly_its_grading_tests(tmp_path):
+    every = sorted({t for tests in GRADED_BY.values() for t in tests})
+    for name in ("codebook_loss", "top_p_filter"):
+        folder = write_blanked_copy(name, str(tmp_path / name))
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider"] +
+                             [f"test_all.py::{t}" for t in every], cwd=folder, capture_output=True, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="300"))
+        failed = re.findall(r"^(?:FAILED|ERROR) test_all\.py::(\w+)", run.stdout, re.M)
+        assert sorted(set(failed)) == sorted(GRADED_BY[name]), run.stdout[-3000:]
+        # each failure is one line naming the missing equation, not a traceback into the function
+        file, what = EXERCISES[name]
+        assert run.stdout.count(f"Failed: exercise {file}:{name} is blank: write {what}") == len(failed)
+    # the blanked copy keeps the comments above the body (the equation in words) and raises with its text
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "vqgan.py")) as f:
+        source = blank_function(f.read(), "commitment_loss")
+    assert "# Eq. (4), third term: beta * || sg[z_q] - E(x) ||^2" in source and "def codebook_loss(" in source
+    namespace = {}
+    exec(compile(source, "vqgan_blank.py", "exec"), namespace)
+    with pytest.raises(NotImplementedError, match=r"Eq\. \(4\), commitment term"):
+        namespace["commitment_loss"](torch.zeros(1), torch.zeros(1), 0.25)
+
+
+def test_course_kit_lists_and_refuses_unknown_exercises(capsys):
+    assert course_kit(["--list-exercises"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("graded by: test_") == len(EXERCISES) and "vqgan.py:adaptive_weight" in out
+    with pytest.raises(SystemExit, match="no exercise 'beta'"):
+        course_kit(["--exercise=beta"])
+
+
+if __name__ == "__main__":
+    sys.exit(course_kit(sys.argv[1:]))
