@@ -18,6 +18,7 @@ Images are float tensors (B, 3, H, W) scaled to [-1, 1].
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # The paper's configuration (every official VQGAN config: f16, K=1024, 256x256). It builds the
 # same 72.1M-parameter autoencoder as the official code (discriminator and LPIPS not counted).
@@ -105,10 +106,17 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def run_block(block, h, checkpointed):
+    # Gradient checkpointing (--grad_checkpointing=true): keep only the block's input for backward
+    # and recompute its insides there, trading one more forward of the block for its activations.
+    return checkpoint(block, h, use_reentrant=False) if checkpointed and torch.is_grad_enabled() else block(h)
+
+
 class Encoder(nn.Module):
     # E in the paper: x (B, 3, H, W) -> z_hat (B, z_channels, H/f, W/f), f = 2^(len(ch_mult)-1).
     def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, in_channels=3):
         super().__init__()
+        self.grad_checkpointing = False  # True: recompute each block in backward (saves memory)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         block_in, res = ch, resolution
@@ -132,15 +140,17 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
 
     def forward(self, x):
+        ckpt = self.grad_checkpointing
         h = self.conv_in(x)
         for stage in self.down:
             for i, block in enumerate(stage.block):
-                h = block(h)
+                h = run_block(block, h, ckpt)
                 if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
+                    h = run_block(stage.attn[i], h, ckpt)
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for block in (self.mid.block_1, self.mid.attn_1, self.mid.block_2):
+            h = run_block(block, h, ckpt)
         return self.conv_out(swish(self.norm_out(h)))
 
 
@@ -149,6 +159,7 @@ class Decoder(nn.Module):
     # encoder with one extra ResnetBlock per level. No tanh at the end, as in the official code.
     def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, out_channels=3):
         super().__init__()
+        self.grad_checkpointing = False  # True: recompute each block in backward (saves memory)
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
@@ -174,12 +185,15 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
     def forward(self, z):
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        ckpt = self.grad_checkpointing
+        h = self.conv_in(z)
+        for block in (self.mid.block_1, self.mid.attn_1, self.mid.block_2):
+            h = run_block(block, h, ckpt)
         for stage in reversed(self.up):
             for i, block in enumerate(stage.block):
-                h = block(h)
+                h = run_block(block, h, ckpt)
                 if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
+                    h = run_block(stage.attn[i], h, ckpt)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
         return self.conv_out(swish(self.norm_out(h)))
@@ -370,6 +384,13 @@ def adaptive_weight(rec_loss, g_loss, last_layer, delta=1e-6, max_weight=1e4):
     """
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Under DDP each process holds a shard of the batch. The gradients of the whole batch's
+        # mean loss are the mean of the shards' gradients: average them first, so every process
+        # gets the same lambda, the one a single process would compute on the whole batch.
+        grads = torch.stack([rec_grad, gan_grad])
+        torch.distributed.all_reduce(grads)
+        rec_grad, gan_grad = grads / torch.distributed.get_world_size()
     weight = rec_grad.norm() / (gan_grad.norm() + delta)
     return weight.clamp(0.0, max_weight).detach()
 
