@@ -1541,3 +1541,17 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     ckpt = train_vqgan.load_checkpoint(str(tmp_path / "vq2" / "ckpt.pt"), "vqgan")
     assert all(torch.equal(ckpt["model"][k], rank0_vq) for k, rank0_vq in
                torch.load(tmp_path / "vqgan_rank0.pt", weights_only=True).items())
+
+
+def test_quantizer_distances_and_losses_stay_fp32_under_autocast():
+    # CPU autocast to bf16 stands in for CUDA's here: both would run a plain matmul in bf16.
+    torch.manual_seed(0)
+    vq = VectorQuantizer(n_codes=32, code_dim=8)
+    a = torch.randn(16, 8) * 30                     # |a|^2 ~ 7000: bf16 resolves ~30 there
+    u = F.normalize(torch.randn(16, 8), dim=1)
+    vq.embedding.weight.data = torch.stack([a, a + u], 1).reshape(32, 8)  # pairs of codes 1 apart
+    z_e = (a + 0.3 * u)[:, :, None, None]           # closer to code 2i (0.09 vs 0.49 squared)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_q, idx, loss = vq(z_e)
+    assert loss.dtype == torch.float32 and z_q.dtype == torch.float32
+    assert torch.equal(idx.flatten(), torch.arange(0, 32, 2))

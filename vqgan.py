@@ -251,13 +251,16 @@ class VectorQuantizer(nn.Module):
         """z_e (B, C, h, w) -> z_q with straight-through gradient, indices (B, h, w), VQ loss."""
         B, C, h, w = z_e.shape
         # Distances and losses in fp32 even under autocast: in bf16 two codes a little apart
-        # round to the same distance and the argmin picks arbitrarily between them.
-        z_e = z_e.float()
-        codebook = self.embedding.weight.float()
-        flat = z_e.permute(0, 2, 3, 1).reshape(-1, C)
-        indices = nearest_code(flat, codebook)
-        z_q = codebook[indices].view(B, h, w, C).permute(0, 3, 1, 2)
-        loss = codebook_loss(z_e, z_q) + commitment_loss(z_e, z_q, self.beta)
+        # round to the same distance and the argmin picks arbitrarily between them. Casting the
+        # inputs is not enough: autocast would run the distance matmul in bf16 anyway, so it is
+        # switched off here.
+        with torch.autocast(z_e.device.type, enabled=False):
+            z_e = z_e.float()
+            codebook = self.embedding.weight.float()
+            flat = z_e.permute(0, 2, 3, 1).reshape(-1, C)
+            indices = nearest_code(flat, codebook)
+            z_q = codebook[indices].view(B, h, w, C).permute(0, 3, 1, 2)
+            loss = codebook_loss(z_e, z_q) + commitment_loss(z_e, z_q, self.beta)
         return straight_through(z_e, z_q), indices.view(B, h, w), loss
 
     def lookup(self, indices):
