@@ -1592,3 +1592,23 @@ def test_grad_checkpointing_keeps_the_gradients_and_stores_less(kind):
     assert ckpt_bytes < 0.6 * plain_bytes  # only block inputs are kept (the rest is recomputed)
     for a, b in zip(plain_grads, ckpt_grads):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_bench_measurements_and_ratios():
+    import bench
+    env = dict(device="cpu", dtype="", threads=0, warmup=0, iters=1, uncached_tokens=5, grad_checkpointing=False,
+               compile=False, peak_flops=0.0, lpips_pretrained=False)
+    r = bench.run_in_child(env, "gpt_sample", dict(model=dict(n_layer=1, n_head=2, n_embd=16, n_codes=32),
+                                                   batch_size=2, grid=4))
+    assert r["same_tokens"] and r["uncached_tokens"] == 5 and r["unit"] == "tok/s" and r["memory_mb"] > 0
+    r = bench.run_in_child(env, "vqgan_step", dict(model=bench.VQGAN_TINY, image_size=16, batch_size=2,
+                                                   lpips=False, after=True))
+    assert r["value"] == pytest.approx(2 / r["seconds"])
+    # ratio > 1 = faster than the official code: 1.22 s official vs 0.61 s ours is 2.00x; 294 vs 588 tok/s too
+    row = bench.format_row("x", dict(value=52.5, unit="img/s", seconds=0.61, memory_mb=10), dict(official=1.22, unit="s"))
+    assert row[3:5] == ["1.22 s/step", "2.00x"]
+    row = bench.format_row("x", dict(value=588.0, unit="tok/s", seconds=1, memory_mb=10), dict(official=294.0, unit="tok/s"))
+    assert row[4] == "2.00x"
+    assert all(name in bench.MEASUREMENTS for c in ("tiny", "shapes", "paper") for _, name, _, _ in bench.rows_for(c, 1))
+    with pytest.raises(SystemExit, match="--config=huge"):
+        bench.rows_for("huge", 1)
