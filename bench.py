@@ -276,7 +276,7 @@ def known_peak_flops(device, dtype, given_tflops):
 
 
 def format_row(label, r, official):
-    value = f"{r['value']:.1f} {r['unit']}" if r["unit"] != "ms" else f"{r['value']:.1f} ms"
+    value = f"{r['value']:.{1 if r['value'] >= 10 else 3}f} {r['unit']}"
     extra = ""
     if r["unit"] == "img/s":
         extra = f"{r['seconds']:.3f} s/step"
