@@ -194,6 +194,9 @@ def wrap_for_training(module, config, ddp, device):
     its parameters with `module`, which stays the one to save, evaluate and sample with (plain
     state-dict keys, no collective operations)."""
     if config["compile"]:
+        # Eq. (7) takes gradients of the same graph twice (retain_graph=True), which compiled
+        # backward functions refuse while they reuse ("donate") their buffers: keep them their own.
+        torch._functorch.config.donated_buffer = False
         module = torch.compile(module)
     if ddp:
         # DDP averages the gradients over the processes during backward
