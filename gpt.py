@@ -22,6 +22,7 @@ than the model (Sec. 3.2, Fig. 3) are at the bottom.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from vqgan import load_strict  # the same strict, one-line-error load as the VQGAN's
@@ -114,6 +115,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
         self.ln_f = nn.LayerNorm(n_embd)
         self.head = nn.Linear(n_embd, n_codes, bias=False)  # predicts image codes only
+        self.grad_checkpointing = False  # True: recompute each block in backward (saves memory)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -147,7 +149,11 @@ class GPT(nn.Module):
         x = self.tok_emb(idx) + self.pos_emb[:, start:start + T]
         for i, block in enumerate(self.blocks):
             kv = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
-            x = block(x, kv, start)
+            if self.grad_checkpointing and kv is None and torch.is_grad_enabled():
+                # keep only the block's input for backward, recompute the rest there
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv, start)
         if kv_cache is not None:
             kv_cache.length += T
         return self.head(self.ln_f(x))

@@ -19,12 +19,13 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from gpt import GPT, cond_tokens, corrupt_tokens, gpt_loss, spatial_cond_tokens
 from train_vqgan import (SHAPE_NAMES, append_log, autocast, condition_input, config_to_resume, load_checkpoint,
-                         make_datasets, parse_overrides, pick_device, pick_dtype, save_checkpoint, save_image_grid,
-                         show_condition, vqgan_from_checkpoint)
+                         make_datasets, parse_overrides, pick_dtype, save_checkpoint, save_image_grid, setup_ddp,
+                         show_condition, unwrap, vqgan_from_checkpoint, wrap_for_training)
 
 # -----------------------------------------------------------------------------
 # Hyperparameters, each overridable as --name=value. The defaults train on the built-in shapes
@@ -55,6 +56,9 @@ CONFIG = dict(
     dtype="auto",             # auto = bf16 autocast on CUDA (fp16 + GradScaler without bf16), fp32 elsewhere
     seed=0,
     resume=False,             # continue from out_dir/ckpt.pt exactly where it stopped
+    # speed and memory (issue 7); under torchrun batch_size is per process
+    compile=False,            # wrap the model in torch.compile (slow first steps, faster after; needs a C++ compiler)
+    grad_checkpointing=False, # recompute each transformer block in backward instead of storing its activations
     # spatial conditioning (issue 5): --conditional=spatial learns p(s | r), r = a condition VQGAN's index grid
     cond_vqgan_ckpt="",       # conditional=spatial: the condition VQGAN (train_vqgan.py --condition=semantic|lowres)
 )
@@ -157,15 +161,19 @@ def batch_at(tokens, labels, step, batch_size, seed):
     return tokens[rows], labels[rows], g
 
 
-def train_step(model, optimizer, scaler, tokens, labels, step, config, device, dtype):
-    tokens, labels, g = batch_at(tokens, labels, step, config["batch_size"], config["seed"])
+def train_step(model, optimizer, scaler, tokens, labels, step, config, device, dtype, rank=0, world_size=1):
+    # Under torchrun every process draws the same global batch of batch_size x world_size rows
+    # (and its pkeep noise) and keeps its own slice: together, the single-process batch.
+    B, n_codes = config["batch_size"], unwrap(model).n_codes
+    tokens, labels, g = batch_at(tokens, labels, step, B * world_size, config["seed"])
     tokens, labels = tokens.to(device), labels.to(device)
-    seq = make_sequences(model, tokens, labels, config["conditional"])
+    seq = make_sequences(unwrap(model), tokens, labels, config["conditional"])
     n_cond = seq.size(1) - tokens[0].numel()  # 1, or the whole condition grid r
     inputs = seq
     if config["pkeep"] < 1.0:  # corrupt the inputs only; the targets in seq stay true
-        noisy = corrupt_tokens(tokens.flatten(1), config["pkeep"], model.n_codes, generator=g)
+        noisy = corrupt_tokens(tokens.flatten(1), config["pkeep"], n_codes, generator=g)
         inputs = torch.cat([seq[:, :n_cond], noisy.to(device)], dim=1)
+    seq, inputs = seq[rank * B:(rank + 1) * B], inputs[rank * B:(rank + 1) * B]
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, config)
     with autocast(device, dtype):
@@ -260,7 +268,8 @@ def resolve_config(overrides):
 
 
 def train(config):
-    device = pick_device(config["device"])
+    ddp, rank, world_size, device = setup_ddp(config["device"])
+    master = rank == 0  # only this process writes checkpoints, images and logs
     dtype = pick_dtype(config["dtype"], device)
     torch.manual_seed(config["seed"])
     vq_ckpt = load_checkpoint(config["vqgan_ckpt"], "vqgan")
@@ -268,7 +277,11 @@ def train(config):
     data_config = dict(vq_ckpt["config"], **({"data": config["data"]} if config["data"] else {}))
     spatial = config["conditional"] == "spatial"
     cond_vqgan, cond_config = load_cond_vqgan(config["cond_vqgan_ckpt"], data_config, device) if spatial else (None, None)
+    if ddp and not master:
+        dist.barrier()  # let rank 0 encode and write the token cache first, then read it
     cache = load_token_cache(config, vqgan, data_config, device, cond_vqgan, cond_config)
+    if ddp and master:
+        dist.barrier()
     train_tokens, train_labels = cache["train_tokens"], cache["train_labels"]
     val_tokens, val_labels = cache["val_tokens"], cache["val_labels"]
     if spatial:  # from here on a spatial model's "labels" are its condition grids r, one per image
@@ -284,6 +297,7 @@ def train(config):
                 n_head=config["n_head"], n_embd=config["n_embd"],
                 n_cond_tokens=num_classes if config["conditional"] == "class" else
                 cond_vqgan.n_codes if spatial else 1).to(device)
+    model.grad_checkpointing = config["grad_checkpointing"]
     optimizer = model.configure_optimizer(config["lr"], config["weight_decay"], betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     out_dir = config["out_dir"]
@@ -295,10 +309,13 @@ def train(config):
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best = ckpt["step"], ckpt["best_val_loss"]
         torch.set_rng_state(ckpt["rng"])
-        print(f"resuming from {ckpt_path} at step {step}")
+        if master:
+            print(f"resuming from {ckpt_path} at step {step}")
+    train_model = wrap_for_training(model, config, ddp, device)  # shares its weights with `model`
     class_names = list(SHAPE_NAMES) if data_config["data"] == "shapes" else [str(i) for i in range(num_classes)]
-    print(f"GPT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_tokens)} training "
-          f"grids of {grid_hw[0]}x{grid_hw[1]} tokens, vocabulary {vqgan.n_codes} codes")
+    if master:
+        print(f"GPT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_tokens)} training "
+              f"grids of {grid_hw[0]}x{grid_hw[1]} tokens, vocabulary {vqgan.n_codes} codes")
 
     def checkpoint(val_loss):
         return dict(kind="gpt", model=model.state_dict(), model_config=model.config, optimizer=optimizer.state_dict(),
@@ -309,14 +326,15 @@ def train(config):
                     **(dict(cond_vqgan_ckpt=config["cond_vqgan_ckpt"], cond_config=cond_config,
                             cond_grid_hw=list(train_labels.shape[1:])) if spatial else {}))
 
-    bar = tqdm(total=config["max_steps"], initial=step, desc="gpt", dynamic_ncols=True)
+    bar = tqdm(total=config["max_steps"], initial=step, desc="gpt", dynamic_ncols=True, disable=not master)
     started = time.time()
     while step < config["max_steps"]:
-        loss = train_step(model, optimizer, scaler, train_tokens, train_labels, step, config, device, dtype)
+        loss = train_step(train_model, optimizer, scaler, train_tokens, train_labels, step, config, device, dtype,
+                          rank, world_size)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr_at(step - 1, config):.1e}")
-        if step % config["eval_interval"] == 0 or step == config["max_steps"]:
+        if master and (step % config["eval_interval"] == 0 or step == config["max_steps"]):
             val = validation_loss(model, val_tokens, val_labels, config, device, dtype)
             png_path = os.path.join(out_dir, f"samples_{step:06d}.png")
             if spatial:  # the first validation conditions, each beside its sample
@@ -334,6 +352,8 @@ def train(config):
             tqdm.write(f"step {step}: val loss {val:.4f} nats/token ({val / math.log(2):.3f} bits/token)"
                        f"{' (best)' if improved else ''}; wrote {png} and {ckpt_path}")
     bar.close()
+    if ddp:
+        dist.destroy_process_group()
     return model
 
 

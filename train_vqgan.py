@@ -24,6 +24,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torchvision
 import torchvision.transforms as T
 from PIL import Image
@@ -75,6 +76,9 @@ CONFIG = dict(
     dtype="auto",             # auto = bf16 autocast on CUDA (fp16 + GradScaler without bf16), fp32 elsewhere
     seed=0,
     resume=False,             # continue from out_dir/ckpt.pt exactly where it stopped
+    # speed and memory (issue 7); under torchrun batch_size is per process
+    compile=False,            # wrap the models in torch.compile (slow first steps, faster after; needs a C++ compiler)
+    grad_checkpointing=False, # recompute encoder/decoder blocks in backward instead of storing their activations
     # spatial conditioning (issue 5): a condition VQGAN, whose index grid the spatial GPT is conditioned on
     condition="",             # '' = the image VQGAN; 'semantic' = one-hot semantic maps in, per-pixel class logits
                               # out, cross-entropy + VQ loss (no L1/LPIPS/GAN); 'lowres' = images downsampled
@@ -175,6 +179,46 @@ def pick_dtype(name, device):
 
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def setup_ddp(device_name):
+    """-> (ddp, rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE in each
+    process it starts; without them this is a plain single-process run and nothing changes."""
+    if "RANK" not in os.environ:
+        return False, 0, 1, pick_device(device_name)
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = pick_device(device_name)
+    if device.type == "mps":
+        raise SystemExit("error: torchrun needs CUDA (nccl) or the CPU (gloo), not MPS (use --device=cpu)")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True, rank, world_size, device
+
+
+def wrap_for_training(module, config, ddp, device):
+    """The module the training step calls: torch.compile'd and/or DDP-wrapped as asked. It shares
+    its parameters with `module`, which stays the one to save, evaluate and sample with (plain
+    state-dict keys, no collective operations)."""
+    if config["compile"]:
+        # Eq. (7) takes gradients of the same graph twice (retain_graph=True), which compiled
+        # backward functions refuse while they reuse ("donate") their buffers: keep them their own.
+        torch._functorch.config.donated_buffer = False
+        module = torch.compile(module)
+    if ddp:
+        # DDP averages the gradients over the processes during backward
+        module = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return module
+
+
+def unwrap_ddp(module):
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+def unwrap(module):
+    """The plain module inside DDP and torch.compile wrappers."""
+    return getattr(unwrap_ddp(module), "_orig_mod", unwrap_ddp(module))  # torch.compile keeps it as _orig_mod
 
 
 def save_checkpoint(obj, path):
@@ -678,23 +722,28 @@ def pixel_accuracy(logits, one_hot):
     return (logits.argmax(1) == one_hot.argmax(1)).float().flatten(1).mean(1)
 
 
-def step_batches(dataset, batch_size, seed, start_step, num_workers):
+def step_batches(dataset, batch_size, seed, start_step, num_workers, rank=0, world_size=1):
     """Batches for steps start_step, start_step+1, ... in an order fixed by (seed, epoch).
 
     Because the order depends only on the step number, --resume sees exactly the batches the
-    interrupted run would have seen, without storing any sampler state.
+    interrupted run would have seen, without storing any sampler state. Under torchrun each of
+    the world_size processes takes every world_size-th index of the same shuffle (its shard,
+    DistributedSampler); together their batches are exactly the single-process batch of
+    batch_size x world_size. Works for any map-style dataset, the on-the-fly shapes included.
     """
-    n = len(dataset)
-    if n < batch_size:
-        raise SystemExit(f"error: the training set has {n} images, fewer than --batch_size={batch_size}")
-    per_epoch = n // batch_size
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                  seed=seed * 100003, drop_last=True)
+    if len(sampler) < batch_size:
+        raise SystemExit(f"error: the training set has {len(dataset)} images, fewer than --batch_size={batch_size}"
+                         f"{f' x {world_size} processes' if world_size > 1 else ''}")
+    per_epoch = len(sampler) // batch_size
 
     def indices():
         step = start_step
         while True:
             epoch, k = divmod(step, per_epoch)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-            yield from order[k * batch_size:(k + 1) * batch_size].tolist()
+            sampler.set_epoch(epoch)  # reseed: a new shuffle every epoch, the same one in every process
+            yield from list(sampler)[k * batch_size:(k + 1) * batch_size]
             step += 1
 
     return iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices(),
@@ -709,14 +758,15 @@ def build_lpips(config, device):
 
 
 def discriminator_on(step, config):
-    # a semantic condition VQGAN never uses the GAN (its loss is cross-entropy + VQ)
-    return step >= config["disc_start"] and config["condition"] != "semantic"
+    # a semantic condition VQGAN never uses the GAN (its loss is cross-entropy + VQ); .get: callers
+    # such as bench.py pass only the loss settings
+    return step >= config["disc_start"] and config.get("condition", "") != "semantic"
 
 
 def generator_step(model, disc, lpips, x, step, config):
     """Eq. (6) for E, G and the codebook. Returns the reconstruction and the logged numbers."""
     x_hat, indices, q_loss = model(x)
-    if config["condition"] == "semantic":  # x one-hot, x_hat per-pixel class logits
+    if config.get("condition", "") == "semantic":  # x one-hot, x_hat per-pixel class logits
         rec_loss = semantic_rec_loss(x_hat, x)
         return rec_loss + q_loss, x_hat, indices, dict(rec=rec_loss.item(), q=q_loss.item(), lam=0.0)
     # L_rec: per-pixel L1, plus LPIPS per image broadcast over its pixels (the official nll).
@@ -728,9 +778,11 @@ def generator_step(model, disc, lpips, x, step, config):
     lam = torch.zeros(())
     if discriminator_on(step, config):
         # D scores the reconstruction; D's own weights are frozen here, so this step moves G only.
-        g_loss = hinge_g_loss(disc(x_hat))
+        # (Past DDP's wrapper: frozen weights have no gradients to average, and its reducer would
+        # wait for them.)
+        g_loss = hinge_g_loss(unwrap_ddp(disc)(x_hat))
         # Eq. (7); under autocast the two gradients come from the same fp32 master weights.
-        lam = adaptive_weight(rec_loss, g_loss, model.last_layer) * config["disc_weight"]
+        lam = adaptive_weight(rec_loss, g_loss, unwrap(model).last_layer) * config["disc_weight"]
         loss = loss + lam * g_loss  # Eq. (6): L_VQ + lambda * L_GAN
     return loss, x_hat, indices, dict(rec=rec_loss.item(), q=q_loss.item(), lam=lam.item())
 
@@ -818,7 +870,8 @@ def resolve_config(overrides):
         config.update(config_to_resume(overrides, overrides.get("out_dir", config["out_dir"]), "vqgan", MODEL_KEYS))
     config.update(overrides)
     if preset == "paper" and "lr" not in overrides and not overrides.get("resume", False):
-        config["lr"] = 4.5e-6 * config["batch_size"]  # the paper's lr scaling rule
+        # the paper's lr scaling rule, on the global batch (torchrun: batch_size per process)
+        config["lr"] = 4.5e-6 * config["batch_size"] * int(os.environ.get("WORLD_SIZE", 1))
     check_config(config)
     return config
 
@@ -888,7 +941,8 @@ def model_kwargs(config):
 
 
 def train(config):
-    device = pick_device(config["device"])
+    ddp, rank, world_size, device = setup_ddp(config["device"])
+    master = rank == 0  # only this process writes checkpoints, images and logs
     dtype = pick_dtype(config["dtype"], device)
     torch.manual_seed(config["seed"])
     train_set, val_set = make_datasets(config["data"], config["image_size"], config["val_fraction"],
@@ -898,6 +952,15 @@ def train(config):
     model = VQGAN(**model_kwargs(config)).to(device)
     disc = Discriminator(ndf=config["disc_ndf"], n_layers=config["disc_layers"]).to(device)
     lpips = build_lpips(config, device) if config["perceptual_weight"] > 0 else None
+    if config["grad_checkpointing"]:
+        model.encoder.grad_checkpointing = model.decoder.grad_checkpointing = True
+    if device.type == "cuda":  # channels-last: the layout cuDNN's fastest convolutions want
+        model.to(memory_format=torch.channels_last)
+        disc.to(memory_format=torch.channels_last)
+    if ddp and device.type == "cuda":
+        # D's BatchNorm normalises with the statistics of the whole batch, across processes.
+        # (PyTorch's SyncBatchNorm runs on GPUs only: on the CPU each process uses its shard's.)
+        disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
     # Two Adam optimisers with betas (0.5, 0.9), no weight decay, no schedule (official).
     opt_g = torch.optim.Adam(model.parameters(), lr=config["lr"], betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=config["lr"], betas=(0.5, 0.9))
@@ -915,8 +978,11 @@ def train(config):
         opt_d.load_state_dict(ckpt["opt_d"])
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"])
-        print(f"resuming from {ckpt_path} at step {step}")
+        if master:
+            print(f"resuming from {ckpt_path} at step {step}")
     os.makedirs(out_dir, exist_ok=True)
+    # what the training step calls (model and disc stay the plain modules, sharing the weights)
+    train_model, train_disc = wrap_for_training(model, config, ddp, device), wrap_for_training(disc, config, ddp, device)
 
     def save():
         save_checkpoint(dict(kind="vqgan", model=model.state_dict(), model_config=model.config,
@@ -924,21 +990,22 @@ def train(config):
                              opt_d=opt_d.state_dict(), step=step, config=config_for_checkpoint(config),
                              rng=torch.get_rng_state()), ckpt_path)
 
-    batches = step_batches(train_set, config["batch_size"], config["seed"], step, config["num_workers"])
-    bar = tqdm(total=config["max_steps"], initial=step, desc="vqgan", dynamic_ncols=True)
+    batches = step_batches(train_set, config["batch_size"], config["seed"], step, config["num_workers"], rank, world_size)
+    bar = tqdm(total=config["max_steps"], initial=step, desc="vqgan", dynamic_ncols=True, disable=not master)
     model.train()
     disc.train()
     started = time.time()
     while step < config["max_steps"]:
         x = condition_input(next(batches), config).to(device)
-        logs, indices = train_step(model, disc, lpips, opt_g, opt_d, scaler, x, step, config, device, dtype)
+        x = x.to(memory_format=torch.channels_last) if device.type == "cuda" else x
+        logs, indices = train_step(train_model, train_disc, lpips, opt_g, opt_d, scaler, x, step, config, device, dtype)
         step += 1
         usage, _ = codebook_usage(indices, model.n_codes)
         bar.update(1)
         bar.set_postfix(rec=f"{logs['rec']:.3f}", q=f"{logs['q']:.3f}", d=f"{logs['d']:.3f}",
                         lam=f"{logs['lam']:.2f}", codes=f"{usage:.0%}")
 
-        if step % config["eval_interval"] == 0 or step == config["max_steps"]:
+        if master and (step % config["eval_interval"] == 0 or step == config["max_steps"]):
             metrics, (x0, x0_hat) = evaluate(model, lpips, val_set, config, device, dtype)
             grid = save_image_grid(torch.cat([x0, x0_hat]), os.path.join(out_dir, f"recon_{step:06d}.png"), len(x0))
             append_log(log_path, dict(step=step, time=round(time.time() - started, 1), **logs, **metrics))
@@ -948,6 +1015,8 @@ def train(config):
             tqdm.write(f"step {step}: {quality}, codes used {metrics['val_usage']:.1%}, "
                        f"perplexity {metrics['val_perplexity']:.1f}; wrote {grid} and {ckpt_path}")
     bar.close()
+    if ddp:
+        dist.destroy_process_group()
     return model
 
 
