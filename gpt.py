@@ -335,8 +335,10 @@ def window_start(i, size, window):
 
 @torch.no_grad()
 def sample_sliding_window(model, cond, h, w, window_h, window_w, temperature=1.0, top_k=None,
-                          top_p=None, generator=None, progress=False):
+                          top_p=None, generator=None, progress=False, on_token=None):
     """Sample an h x w token grid with a model trained on window_h x window_w grids.
+    on_token(grid, i, j, (r0, c0, window_h, window_w)), if given, is called after each token with
+    the grid so far and the window it was sampled in (sample.py --animate draws frames with it).
     cond: (B, n_cond) conditioning ids seen before every window (start token or class), or
     (B, hc, wc) a spatial condition's ids on its own grid (`spatial_cond_tokens`): then each
     window sees the part of the condition under it, [r window, s window], the condition window
@@ -387,6 +389,8 @@ def sample_sliding_window(model, cond, h, w, window_h, window_w, temperature=1.0
                 grid[:, i, j] = tok
                 prev = (r0, c0, n)
                 bar.update(1)
+                if on_token is not None:
+                    on_token(grid, i, j, (r0, c0, window_h, window_w))
     return grid
 
 

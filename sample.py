@@ -8,6 +8,7 @@ then decode it with the VQGAN in one pass.
     python sample.py --width=96                        # wider than trained: the sliding window
     python sample.py --complete=photo.png              # keep the top half, sample the rest
     python sample.py --gpt_ckpt=out/gpt_spatial/ckpt.pt --cond=scene   # spatial GPT: shapes where a map puts them
+    python sample.py --animate=out/generation.gif      # also a GIF of the grid filling in, token by token
     python sample.py --reconstruct=photo.png --vqgan_ckpt=last.ckpt
                                                        # image | VQGAN reconstruction, PSNR (own or official VQGAN)
 
@@ -22,7 +23,10 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
+import torchvision
 import torchvision.transforms.functional as TF
+from PIL import ImageDraw
 
 from gpt import GPT, cond_tokens, load_official_gpt, sample_sliding_window, spatial_cond_tokens
 from train_vqgan import (_palette_tensor, check_kind, condition_input, draw_scene, image_transform,
@@ -52,6 +56,9 @@ CONFIG = dict(
     cond="",                      # a semantic-map PNG (class id per pixel) or, for lowres models, an image at the output
                                   # size; 'scene' = draw shapes on a --height x --width canvas (default 3x the training width)
     cond_vqgan_ckpt="",           # '' = the condition VQGAN the GPT was trained with
+    # watch it generate (issue 8)
+    animate="",                   # a .gif path: also write the decoded grid every few tokens (first 4 samples;
+                                  # a red outline shows the window when it slides)
 )
 
 
@@ -255,6 +262,51 @@ def read_condition(gpt_ckpt, config):
         raise SystemExit(f"error: --cond={name} could not be read as an image ({e})") from None
 
 
+class Animation:
+    """--animate: while sample_sliding_window fills the token grid, decode it every few tokens
+    into a GIF frame. Positions not sampled yet are grey (the decoder still sees code 0 there, so
+    their neighbours are a preview, not the final pixels). The frame count is capped, so a 16x16
+    or a 64x64 grid gives a GIF of the same small size."""
+    max_frames = 30
+    max_shown = 4           # samples side by side in the GIF
+
+    def __init__(self, vqgan, h, w):
+        self.vqgan, self.h, self.w = vqgan, h, w
+        self.every = math.ceil(h * w / self.max_frames)  # tokens per frame
+        self.frames = []
+
+    def on_token(self, grid, i, j, window):
+        done = i * self.w + j + 1
+        if done % self.every == 0 or done == self.h * self.w:
+            self.frames.append(self.frame(grid[:self.max_shown], done, window))
+
+    @torch.no_grad()
+    def frame(self, grid, done, window):
+        f = self.vqgan.downsample_factor
+        images = self.vqgan.decode_indices(grid).float().clamp(-1, 1)
+        sampled = (torch.arange(self.h * self.w, device=grid.device) < done).view(1, 1, self.h, self.w)
+        images = images * F.interpolate(sampled.float(), scale_factor=f)  # 0 = mid grey in [-1, 1]
+        scale = max(1, min(4, 96 // images.shape[2]))  # small images are enlarged to be seen
+        images = F.interpolate(images, scale_factor=scale, mode="nearest")
+        pad = 2
+        picture = TF.to_pil_image(torchvision.utils.make_grid((images.cpu() + 1) / 2, nrow=len(images),
+                                                              padding=pad, pad_value=0.5))
+        r0, c0, wh, ww = window
+        if (wh, ww) != (self.h, self.w):  # sliding: outline the window this token was sampled in
+            draw, size = ImageDraw.Draw(picture), f * scale
+            width = self.w * size + pad
+            for k in range(len(images)):
+                x0, y0 = pad + k * width + c0 * size, pad + r0 * size
+                draw.rectangle([x0, y0, x0 + ww * size - 1, y0 + wh * size - 1], outline=(255, 0, 0))
+        return picture
+
+    def save(self, path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        durations = [80] * (len(self.frames) - 1) + [1500]  # hold the finished images
+        self.frames[0].save(path, save_all=True, append_images=self.frames[1:], duration=durations, loop=0)
+        print(f"wrote {len(self.frames)} frames of generation to {path}")
+
+
 @torch.no_grad()
 def sample_spatial(model, vqgan, gpt_ckpt, config, device):
     """Sample images that follow a spatial condition of any size (the sliding window when it is
@@ -274,12 +326,16 @@ def sample_spatial(model, vqgan, gpt_ckpt, config, device):
     n = config["num_samples"]
     r = cond_vqgan.encode(x)[1].expand(n, -1, -1)  # one file: the same condition for every sample
     g = torch.Generator(device=device).manual_seed(config["seed"])
+    animation = Animation(vqgan, h, w) if config["animate"] else None
     try:
         tokens = sample_sliding_window(model, spatial_cond_tokens(model, r), h, w, *gpt_ckpt["grid_hw"], generator=g,
-                                       progress=True, **sampling_options(config))
+                                       progress=True, on_token=animation and animation.on_token,
+                                       **sampling_options(config))
     except ValueError as e:  # a condition grid that does not tile the image grid
         raise SystemExit(f"error: {e}") from None
     samples = vqgan.decode_indices(tokens)
+    if animation:
+        animation.save(config["animate"])
     if semantic is not None and cond_config["data"] == "shapes":
         agreement = foreground_agreement(samples.cpu().clamp(-1, 1), semantic.expand(n, -1, -1))
         print(f"foreground/background agreement with the map: {agreement.mean().item():.3f} "
@@ -306,6 +362,9 @@ def sample(config):
                          f"maps: give --cond=FILE or --cond=scene")
     if spatial and config["complete"]:
         raise SystemExit("error: --complete is for unconditional and class-conditional GPTs (use --cond with this one)")
+    if config["animate"] and (config["complete"] or not config["animate"].lower().endswith(".gif")):
+        raise SystemExit(f"error: --animate={config['animate']} needs a path ending in .gif, and sampling "
+                         f"without --complete")
     if spatial:
         images, nrow = sample_spatial(model, vqgan, gpt_ckpt, config, device)
     elif config["complete"]:
@@ -317,9 +376,12 @@ def sample(config):
         trained_h, trained_w = gpt_ckpt["grid_hw"]
         # On the trained grid this is plain autoregressive sampling with a KV cache; on a larger
         # grid it is the sliding window. One code path, the same tokens for the same seed.
+        animation = Animation(vqgan, h, w) if config["animate"] else None
         tokens = sample_sliding_window(model, cond, h, w, trained_h, trained_w, generator=g, progress=True,
-                                       **sampling_options(config))
+                                       on_token=animation and animation.on_token, **sampling_options(config))
         images = vqgan.decode_indices(tokens)
+        if animation:
+            animation.save(config["animate"])
     path = save_image_grid(images, config["out"], nrow)
     print(f"wrote {len(images)} images to {path}")
     return path

@@ -1765,6 +1765,29 @@ def test_bench_measurements_and_ratios():
         bench.rows_for("huge", 1)
 
 
+def test_animate_writes_a_small_gif_of_the_grid_filling_in(tiny_runs, tmp_path, capsys):
+    root, _ = tiny_runs
+    base = dict(sample.CONFIG, gpt_ckpt=str(root / "gpt" / "ckpt.pt"), device="cpu", num_samples=2, class_label=1,
+                out=str(tmp_path / "s.png"))
+    # 16x16 pixels = 8x8 tokens, the trained grid: a frame every ceil(64 / 30) = 3 tokens, plus the last one
+    sample.sample(dict(base, animate=str(tmp_path / "a.gif")))
+    gif = Image.open(tmp_path / "a.gif")
+    assert gif.n_frames == 64 // 3 + 1 and gif.size == (2 + 2 * (64 + 2), 2 + 64 + 2)  # 2 samples enlarged 4x
+    first = np.asarray(gif.convert("RGB")).astype(int)
+    assert np.abs(first[40:66, 2:66] - 128).max() <= 1  # after 3 tokens the rows below are still grey
+    # 16x40 pixels = 8x20 tokens: the sliding window, outlined in red where the token was sampled
+    sample.sample(dict(base, width=40, animate=str(tmp_path / "wide.gif")))
+    gif = Image.open(tmp_path / "wide.gif")
+    assert gif.n_frames == 160 // 6 + 1 and gif.size == (2 + 2 * (160 + 2), 68)
+    gif.seek(4)  # after 30 tokens: token 29 is (1, 9), its window starts at column 9 - 4 = 5 (8 pixels each)
+    frame = np.asarray(gif.convert("RGB")).astype(int)
+    for x, y in ((2 + 5 * 8, 30), (2 + 13 * 8 - 1, 30), (2 + 162 + 5 * 8, 30)):
+        assert abs(frame[y, x] - np.array([255, 0, 0])).max() < 40, (x, y, frame[y, x])
+    assert "wrote 27 frames of generation" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="needs a path ending in .gif"):
+        sample.sample(dict(base, animate=str(tmp_path / "a.png")))
+
+
 # =============================================================================
 # The course kit itself (EXERCISES, @grades and blank_function are at the top of this file)
 
