@@ -10,7 +10,7 @@ then decode it with the VQGAN in one pass.
     python sample.py --gpt_ckpt=out/gpt_spatial/ckpt.pt --cond=scene   # spatial GPT: shapes where a map puts them
     python sample.py --animate=out/generation.gif      # also a GIF of the grid filling in, token by token
     python sample.py --reconstruct=photo.png --vqgan_ckpt=last.ckpt
-                                                       # image | VQGAN reconstruction, PSNR (own or official VQGAN)
+                                                       # image | tokens | reconstruction, PSNR (own or official VQGAN)
 
 When the requested size's token grid is larger than the grid the GPT was trained on, every
 token is sampled from a window of the trained size placed around it (the paper's sliding
@@ -45,7 +45,8 @@ CONFIG = dict(
     height=0,                     # output height in pixels (0 = the training size); a multiple of the VQGAN's f
     width=0,                      # output width in pixels (0 = the training size)
     complete="",                  # an image file: keep its top half of tokens and sample the bottom half
-    reconstruct="",               # an image file: write it beside its VQGAN reconstruction (needs --vqgan_ckpt)
+    reconstruct="",               # an image file: write it, its token grid (a colour per code) and its VQGAN
+                                  # reconstruction side by side (needs --vqgan_ckpt)
     image_size=0,                 # --reconstruct: resize + centre-crop to this (0 = the VQGAN's training size; 256 official)
     official_classes=0,           # official transformers: 0 = unconditional (start token), else the class count (ImageNet: 1000)
     n_head=16,                    # official transformers: attention heads (not in the weights; 16 in every official config)
@@ -186,9 +187,18 @@ def load_any_vqgan(path):
     return vqgan, 256  # every official VQGAN was trained on 256x256 crops
 
 
+def token_picture(indices, n_codes, f):
+    """Index grids (B, h, w) -> images (B, 3, h*f, w*f): each code a fixed random colour, each
+    token an f x f square over the pixels it stands for. What the GPT reads and writes."""
+    colours = torch.rand(n_codes, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    picture = colours[indices.cpu()].permute(0, 3, 1, 2)
+    return F.interpolate(picture, scale_factor=f, mode="nearest").to(indices.device)
+
+
 @torch.no_grad()
 def reconstruct(config):
-    """Encode and decode one image; write [image, reconstruction] and print PSNR and the grid."""
+    """Encode and decode one image; write [image, its token grid, reconstruction] and print PSNR
+    and the grid size."""
     if not config["vqgan_ckpt"]:
         raise SystemExit("error: --reconstruct needs --vqgan_ckpt=CKPT (this project's or an official last.ckpt)")
     if not os.path.isfile(config["reconstruct"]):
@@ -206,7 +216,7 @@ def reconstruct(config):
         raise SystemExit(f"error: --reconstruct={config['reconstruct']} could not be read as an image ({e})") from None
     x = image[None].to(device)
     x_hat, indices, _ = vqgan(x)
-    path = save_image_grid(torch.cat([x, x_hat]), config["out"], nrow=2)
+    path = save_image_grid(torch.cat([x, token_picture(indices, vqgan.n_codes, f), x_hat]), config["out"], nrow=3)
     h, w = indices.shape[1:]
     print(f"PSNR {psnr(x, x_hat).item():.2f} dB, {h}x{w} tokens of {vqgan.n_codes} codes; wrote {path}")
     return path

@@ -1558,14 +1558,16 @@ def test_sample_reconstruct_with_own_and_official_checkpoints(tiny_runs, tmp_pat
     base = dict(sample.CONFIG, reconstruct=str(tmp_path / "photo.png"), device="cpu")
     # this project's checkpoint: the training size (16) by default, 8x8 tokens at f=2
     path = sample.sample(dict(base, vqgan_ckpt=str(root / "vqgan" / "ckpt.pt"), out=str(tmp_path / "own.png")))
-    assert Image.open(path).size == (2 + 2 * 18, 2 + 18)  # two 16x16 tiles side by side
+    assert Image.open(path).size == (2 + 3 * 18, 2 + 18)  # image | tokens | reconstruction, 16x16 each
     assert "dB, 8x8 tokens of 16 codes" in capsys.readouterr().out
+    tokens = np.asarray(Image.open(path).convert("RGB"))[2:18, 20:36].astype(int)
+    assert (tokens == tokens.reshape(8, 2, 8, 2, 3)[:, :1, :, :1].repeat(2, 1).repeat(2, 3).reshape(16, 16, 3)).all()
     # an official-layout Lightning file with a pickled object beside the state dict
     official = str(tmp_path / "last.ckpt")
     torch.save(dict(official_layout(tiny_vqgan(), Discriminator(ndf=8, n_layers=2)), callbacks=PickledCallback()),
                official)
     path = sample.sample(dict(base, vqgan_ckpt=official, image_size=32, out=str(tmp_path / "official.png")))
-    assert Image.open(path).size == (2 + 2 * 34, 2 + 34)
+    assert Image.open(path).size == (2 + 3 * 34, 2 + 34)
     out = capsys.readouterr().out
     assert "PSNR" in out and "dB, 16x16 tokens of 16 codes" in out
     for overrides, words in [(dict(vqgan_ckpt=""), "--reconstruct needs --vqgan_ckpt"),
@@ -1574,6 +1576,16 @@ def test_sample_reconstruct_with_own_and_official_checkpoints(tiny_runs, tmp_pat
         with pytest.raises(SystemExit) as e:
             sample.sample(dict(base, **overrides))
         assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_token_picture_gives_each_code_one_colour_over_its_pixels():
+    indices = torch.tensor([[[0, 1, 1], [2, 0, 1]]])
+    picture = sample.token_picture(indices, 3, 2)
+    assert picture.shape == (1, 3, 4, 6) and picture.min() >= -1 and picture.max() <= 1
+    colour = lambda i, j: picture[0, :, 2 * i, 2 * j]
+    assert torch.equal(picture[0, :, 2:4, 0:2], colour(1, 0)[:, None, None].expand(3, 2, 2))  # f x f squares
+    assert torch.equal(colour(0, 0), colour(1, 1)) and torch.equal(colour(0, 1), colour(1, 2))  # same code, same colour
+    assert not torch.equal(colour(0, 0), colour(0, 1)) and not torch.equal(colour(0, 0), colour(1, 0))
 
 
 def test_official_vqgan_weights_reproduce_the_official_outputs():
