@@ -1800,6 +1800,43 @@ def test_animate_writes_a_small_gif_of_the_grid_filling_in(tiny_runs, tmp_path, 
         sample.sample(dict(base, animate=str(tmp_path / "a.png")))
 
 
+def readme_equation_map():
+    """The README table 'Where each equation lives': rows of (paper, [code names], [test names])."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")) as f:
+        table = f.read().split("## Where each equation lives", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[1] != "paper" and not set(cells[1]) <= set("-"):
+            rows.append((cells[1], re.findall(r"`([^`]+)`", cells[2]), re.findall(r"`([^`]+)`", cells[3])))
+    return rows
+
+
+def test_every_function_and_test_in_the_equation_map_exists():
+    import importlib
+    import inspect
+    rows = readme_equation_map()
+    assert len(rows) >= 15
+    for paper, code, tests in rows:
+        assert code and tests, f"README row '{paper}' names no function or no test"
+        sources = []
+        for name in code:  # `file.py:function`, then bare names from the same file
+            if ":" in name:
+                file, name = name.split(":")
+                module = importlib.import_module(file[:-len(".py")])
+            obj = module
+            for part in name.split("."):
+                obj = getattr(obj, part, None)
+                assert obj is not None, f"README row '{paper}': {module.__name__}.py has no {name}"
+            sources.append(inspect.getsource(obj))
+        # a row about Eq. (N) points at code that says "Eq. (N)", so grep finds the same place
+        eq = re.match(r"Eq\. \((\d+)\)", paper)
+        if eq:
+            assert any(f"Eq. ({eq.group(1)})" in src for src in sources), f"README row '{paper}': no Eq. comment"
+        for test in tests:
+            assert callable(globals().get(test)), f"README row '{paper}': test_all.py has no {test}"
+
+
 # =============================================================================
 # The course kit itself (EXERCISES, @grades and blank_function are at the top of this file)
 
