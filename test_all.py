@@ -1837,6 +1837,17 @@ def test_every_function_and_test_in_the_equation_map_exists():
             assert callable(globals().get(test)), f"README row '{paper}': test_all.py has no {test}"
 
 
+def test_fixed_lambda_experiment_replaces_eq7_by_disc_weight():
+    torch.manual_seed(0)
+    model, disc = tiny_vqgan(), Discriminator(ndf=8, n_layers=2)
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    config = tiny_train_config("unused", disc_start=0, disc_weight=0.3)
+    logs = train_vqgan.generator_step(model, disc, None, x, 0, config)[3]
+    assert logs["lam"] > 0 and logs["lam"] != pytest.approx(0.3)  # Eq. (7) times 0.3
+    logs = train_vqgan.generator_step(model, disc, None, x, 0, dict(config, adaptive_lambda=False))[3]
+    assert logs["lam"] == pytest.approx(0.3)
+
+
 # =============================================================================
 # The course kit itself (EXERCISES, @grades and blank_function are at the top of this file)
 

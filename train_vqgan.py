@@ -61,6 +61,7 @@ CONFIG = dict(
     disc_start=1400,          # step at which the discriminator starts; before it, D neither trains nor runs
     disc_weight=0.1,          # multiplies the adaptive lambda of Eq. (7). Official configs: 0.8, next to LPIPS;
                               # with L1 alone on shapes, 0.8 lets D trade ~3 dB of PSNR for texture in minutes
+    adaptive_lambda=True,     # False: lambda = disc_weight, fixed, instead of Eq. (7) (an experiment: see README)
     disc_ndf=32,              # discriminator base width (paper 64; 32 is plenty for 32x32 shapes)
     disc_layers=3,            # stride-2 conv blocks in D (paper 3); needs image_size >= 3 * 2^disc_layers
     # optimisation
@@ -782,7 +783,10 @@ def generator_step(model, disc, lpips, x, step, config):
         # wait for them.)
         g_loss = hinge_g_loss(unwrap_ddp(disc)(x_hat))
         # Eq. (7); under autocast the two gradients come from the same fp32 master weights.
-        lam = adaptive_weight(rec_loss, g_loss, unwrap(model).last_layer) * config["disc_weight"]
+        if config.get("adaptive_lambda", True):
+            lam = adaptive_weight(rec_loss, g_loss, unwrap(model).last_layer) * config["disc_weight"]
+        else:  # the ablation: a fixed weight, whatever the two gradients' sizes
+            lam = torch.tensor(float(config["disc_weight"]), device=x.device)
         loss = loss + lam * g_loss  # Eq. (6): L_VQ + lambda * L_GAN
     return loss, x_hat, indices, dict(rec=rec_loss.item(), q=q_loss.item(), lam=lam.item())
 
