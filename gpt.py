@@ -22,6 +22,7 @@ than the model (Sec. 3.2, Fig. 3) are at the bottom.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from vqgan import load_strict  # the same strict, one-line-error load as the VQGAN's
@@ -114,6 +115,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
         self.ln_f = nn.LayerNorm(n_embd)
         self.head = nn.Linear(n_embd, n_codes, bias=False)  # predicts image codes only
+        self.grad_checkpointing = False  # True: recompute each block in backward (saves memory)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -147,7 +149,11 @@ class GPT(nn.Module):
         x = self.tok_emb(idx) + self.pos_emb[:, start:start + T]
         for i, block in enumerate(self.blocks):
             kv = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
-            x = block(x, kv, start)
+            if self.grad_checkpointing and kv is None and torch.is_grad_enabled():
+                # keep only the block's input for backward, recompute the rest there
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv, start)
         if kv_cache is not None:
             kv_cache.length += T
         return self.head(self.ln_f(x))
@@ -206,6 +212,18 @@ def cond_tokens(model, labels, batch_size, device):
     if int(labels.min()) < 0 or int(labels.max()) >= model.n_cond_tokens:
         raise ValueError(f"class label out of range [0, {model.n_cond_tokens}): got {labels.tolist()}")
     return (K + labels)[:, None]
+
+
+def spatial_cond_tokens(model, cond_indices):
+    """Eq. (10) with a spatial condition (Sec. 3.2): the index grid r (B, hc, wc) of the
+    condition's own VQGAN -> its token ids K + r, same shape. Flattened in raster order and put
+    before the image tokens they give the sequence [r, s], whose loss is taken on s only. r's codes
+    are conditioning tokens with embeddings of their own (model.n_cond_tokens = the condition
+    VQGAN's codebook size), so "condition code 5" and "image code 5" never share a vector."""
+    if cond_indices.numel() and (int(cond_indices.min()) < 0 or int(cond_indices.max()) >= model.n_cond_tokens):
+        raise ValueError(f"condition codes must be in [0, {model.n_cond_tokens}) (the condition VQGAN's codebook), "
+                         f"got [{int(cond_indices.min())}, {int(cond_indices.max())}]")
+    return model.n_codes + cond_indices
 
 
 def gpt_loss(logits, seq, n_cond):
@@ -317,9 +335,14 @@ def window_start(i, size, window):
 
 @torch.no_grad()
 def sample_sliding_window(model, cond, h, w, window_h, window_w, temperature=1.0, top_k=None,
-                          top_p=None, generator=None, progress=False):
+                          top_p=None, generator=None, progress=False, on_token=None):
     """Sample an h x w token grid with a model trained on window_h x window_w grids.
-    cond: (B, n_cond) conditioning ids. Returns (B, h, w).
+    on_token(grid, i, j, (r0, c0, window_h, window_w)), if given, is called after each token with
+    the grid so far and the window it was sampled in (sample.py --animate draws frames with it).
+    cond: (B, n_cond) conditioning ids seen before every window (start token or class), or
+    (B, hc, wc) a spatial condition's ids on its own grid (`spatial_cond_tokens`): then each
+    window sees the part of the condition under it, [r window, s window], the condition window
+    moving with the image window. Returns (B, h, w).
 
     For each (i, j) in raster order the model sees [cond, window tokens in raster order] and
     the logits at position n_cond - 1 + local_i * window_w + local_j predict (i, j).
@@ -330,8 +353,18 @@ def sample_sliding_window(model, cond, h, w, window_h, window_w, temperature=1.0
     grid equals the window, and along the left/right edge columns otherwise) we keep a KV
     cache and feed a single token, exactly like `generate`. For a grid equal to the window this
     *is* `generate`: n_cond + h*w - 1 positions in total, and the same tokens for the same seed."""
-    B, n_cond = cond.shape
+    B = cond.size(0)
     window_h, window_w = min(window_h, h), min(window_w, w)  # a window cannot exceed the grid
+    # A spatial condition's grid can be coarser than the image grid by an integer `ratio` (a
+    # low-resolution image); the windows then move in steps of `ratio` image tokens, so the window
+    # always covers whole condition tokens: the rule below is window_start on the condition grid.
+    # Without a spatial condition, ratio = 1 and this is the plain rule.
+    ratio = max(1, h // cond.size(1)) if cond.dim() == 3 else 1
+    if cond.dim() == 3 and (cond.shape[1:] != (h // ratio, w // ratio) or h % ratio or w % ratio
+                            or window_h % ratio or window_w % ratio):
+        raise ValueError(f"a {tuple(cond.shape[1:])} condition grid does not tile the {h}x{w} image grid and its "
+                         f"{window_h}x{window_w} window by one integer factor")
+    n_cond = (window_h // ratio) * (window_w // ratio) if cond.dim() == 3 else cond.size(1)
     if n_cond + window_h * window_w - 1 > model.block_size:
         raise ValueError(f"{n_cond} cond + {window_h}x{window_w} window tokens exceed block_size {model.block_size}")
     grid = torch.zeros(B, h, w, dtype=torch.long, device=cond.device)
@@ -339,21 +372,25 @@ def sample_sliding_window(model, cond, h, w, window_h, window_w, temperature=1.0
     prev, tok = None, None  # (window row, window col, local index) and token of the previous position
     with tqdm(total=h * w, disable=not progress, unit="tok") as bar:
         for i in range(h):
-            r0 = window_start(i, h, window_h)
+            r0 = ratio * window_start(i // ratio, h // ratio, window_h // ratio)
             for j in range(w):
-                c0 = window_start(j, w, window_w)
+                c0 = ratio * window_start(j // ratio, w // ratio, window_w // ratio)
                 n = (i - r0) * window_w + (j - c0)  # local raster index of (i, j)
                 if prev == (r0, c0, n - 1):
                     # same window, next position: only the token sampled last is new
                     logits = model(tok[:, None], cache)
                 else:
                     window = grid[:, r0:r0 + window_h, c0:c0 + window_w].reshape(B, -1)
+                    prefix = cond if cond.dim() == 2 else cond[:, r0 // ratio:(r0 + window_h) // ratio,
+                                                                c0 // ratio:(c0 + window_w) // ratio].reshape(B, -1)
                     cache.reset()
-                    logits = model(torch.cat([cond, window[:, :n]], dim=1), cache)
+                    logits = model(torch.cat([prefix, window[:, :n]], dim=1), cache)
                 tok = sample_logits(logits[:, -1], temperature, top_k, top_p, False, generator)
                 grid[:, i, j] = tok
                 prev = (r0, c0, n)
                 bar.update(1)
+                if on_token is not None:
+                    on_token(grid, i, j, (r0, c0, window_h, window_w))
     return grid
 
 
@@ -394,17 +431,20 @@ def load_official_gpt(sd, cond="sos", n_classes=0, n_head=16):
 
     The official code feeds the start token as code 0 (cond="sos") or class c as code c
     (cond="class") through the image-code embedding table; our conditioning tokens have ids
-    K.. of their own, so their rows are copies of those official rows."""
-    if cond not in ("sos", "class"):
-        raise ValueError(f"cond must be 'sos' or 'class', got {cond!r}")
+    K.. of their own, so their rows are copies of those official rows. The same holds for a
+    spatial condition (cond="spatial", e.g. the depth-to-image transformer): its condition
+    VQGAN's indices r are fed as codes r of the one shared table, sequence [r, s]; give
+    n_classes = that VQGAN's codebook size, and feed spatial_cond_tokens(r)."""
+    if cond not in ("sos", "class", "spatial"):
+        raise ValueError(f"cond must be 'sos', 'class' or 'spatial', got {cond!r}")
     sd = _official_transformer_keys(sd)
     for key in ("tok_emb.weight", "pos_emb"):
         if key not in sd:
             raise ValueError(f"not an official GPT state dict: no tensor {key!r}")
     vocab, n_embd = sd["tok_emb.weight"].shape
     n_cond = 1 if cond == "sos" else n_classes
-    if cond == "class" and not 1 <= n_classes <= vocab:
-        raise ValueError(f"cond='class' needs 1 <= n_classes <= {vocab} (the official labels are codes), got {n_classes}")
+    if cond != "sos" and not 1 <= n_classes <= vocab:
+        raise ValueError(f"cond={cond!r} needs 1 <= n_classes <= {vocab} (the official labels are codes), got {n_classes}")
     sd = _fuse_attention(sd)
     sd["tok_emb.weight"] = torch.cat([sd["tok_emb.weight"], sd["tok_emb.weight"][:n_cond]])
     n_layer = 0

@@ -7,8 +7,10 @@ then decode it with the VQGAN in one pass.
     python sample.py --class_label=2                   # class-conditional models: one class
     python sample.py --width=96                        # wider than trained: the sliding window
     python sample.py --complete=photo.png              # keep the top half, sample the rest
+    python sample.py --gpt_ckpt=out/gpt_spatial/ckpt.pt --cond=scene   # spatial GPT: shapes where a map puts them
+    python sample.py --animate=out/generation.gif      # also a GIF of the grid filling in, token by token
     python sample.py --reconstruct=photo.png --vqgan_ckpt=last.ckpt
-                                                       # image | VQGAN reconstruction, PSNR (own or official VQGAN)
+                                                       # image | tokens | reconstruction, PSNR (own or official VQGAN)
     python sample.py --eval=true --vqgan_ckpt=out/vqgan/ckpt.pt
                                                        # L1, PSNR, SSIM, LPIPS, codebook usage, perplexity, FID
     python sample.py --sample_fid=true --num_samples=512  # FID of GPT samples against validation images
@@ -19,17 +21,23 @@ window, Fig. 3; `window_start` in gpt.py), and the whole grid is decoded at the 
 convolutional decoder takes any size.
 """
 
+import math
 import os
 import sys
 
 import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.functional as TF
+from PIL import ImageDraw
 from tqdm import tqdm
 
-from gpt import GPT, cond_tokens, load_official_gpt, sample_sliding_window
+from gpt import GPT, cond_tokens, load_official_gpt, sample_sliding_window, spatial_cond_tokens
 from lpips_lite import LPIPS, MIN_SIZE, WeightsUnavailable
-from train_vqgan import (_first_line, build_inception, check_kind, evaluate, fid, image_transform, inception_features, load_checkpoint,
-                         load_checkpoint_file, make_datasets, official_state_dict, open_rgb, parse_overrides, pick_device,
-                         pick_dtype, psnr, save_image_grid, vqgan_from_checkpoint)
+from train_vqgan import (_first_line, _palette_tensor, build_inception, check_kind, condition_input, draw_scene, evaluate,
+                         fid, image_transform, inception_features, load_checkpoint, load_checkpoint_file, make_datasets,
+                         official_state_dict, open_rgb, parse_overrides, pick_device, pick_dtype, psnr, read_label_map,
+                         save_image_grid, show_condition, vqgan_from_checkpoint)
 from vqgan import load_official_vqgan
 
 CONFIG = dict(
@@ -43,13 +51,21 @@ CONFIG = dict(
     height=0,                     # output height in pixels (0 = the training size); a multiple of the VQGAN's f
     width=0,                      # output width in pixels (0 = the training size)
     complete="",                  # an image file: keep its top half of tokens and sample the bottom half
-    reconstruct="",               # an image file: write it beside its VQGAN reconstruction (needs --vqgan_ckpt)
+    reconstruct="",               # an image file: write it, its token grid (a colour per code) and its VQGAN
+                                  # reconstruction side by side (needs --vqgan_ckpt)
     image_size=0,                 # --reconstruct: resize + centre-crop to this (0 = the VQGAN's training size; 256 official)
     official_classes=0,           # official transformers: 0 = unconditional (start token), else the class count (ImageNet: 1000)
     n_head=16,                    # official transformers: attention heads (not in the weights; 16 in every official config)
     out="out/samples.png",        # where the PNG grid goes
     device="auto",                # auto = cuda, then mps, then cpu
     seed=0,
+    # spatial conditioning (issue 5): models trained with train_gpt.py --conditional=spatial
+    cond="",                      # a semantic-map PNG (class id per pixel) or, for lowres models, an image at the output
+                                  # size; 'scene' = draw shapes on a --height x --width canvas (default 3x the training width)
+    cond_vqgan_ckpt="",           # '' = the condition VQGAN the GPT was trained with
+    # watch it generate (issue 8)
+    animate="",                   # a .gif path: also write the decoded grid every few tokens (first 4 samples;
+                                  # a red outline shows the window when it slides)
     # evaluation (issue 6): a VQGAN's reconstructions, a GPT's samples
     eval=False,                   # True: --vqgan_ckpt on validation images: L1, PSNR, SSIM, LPIPS, codes used, perplexity, FID
     sample_fid=False,             # True: FID of --num_samples GPT samples against --eval_images validation images
@@ -67,6 +83,10 @@ def load_official_transformer(ckpt, config):
     path, n_classes = config["gpt_ckpt"], config["official_classes"]
     sd = official_state_dict(ckpt, path)
     first_stage = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    if "cond_stage_model.encoder.conv_in.weight" in sd:  # a condition VQGAN: depth-to-image and the like
+        raise SystemExit(f"error: {path} is a spatially conditioned transformer (it holds a cond_stage_model VQGAN), "
+                         f"which sample.py cannot sample yet (gpt.load_official_gpt(sd, cond='spatial', n_classes=K) "
+                         f"converts its transformer)")
     try:
         model = load_official_gpt(sd, cond="class" if n_classes else "sos", n_classes=n_classes, n_head=config["n_head"])
         vqgan, _ = load_official_vqgan(first_stage)
@@ -181,9 +201,18 @@ def load_any_vqgan(path):
     return vqgan, 256  # every official VQGAN was trained on 256x256 crops
 
 
+def token_picture(indices, n_codes, f):
+    """Index grids (B, h, w) -> images (B, 3, h*f, w*f): each code a fixed random colour, each
+    token an f x f square over the pixels it stands for. What the GPT reads and writes."""
+    colours = torch.rand(n_codes, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    picture = colours[indices.cpu()].permute(0, 3, 1, 2)
+    return F.interpolate(picture, scale_factor=f, mode="nearest").to(indices.device)
+
+
 @torch.no_grad()
 def reconstruct(config):
-    """Encode and decode one image; write [image, reconstruction] and print PSNR and the grid."""
+    """Encode and decode one image; write [image, its token grid, reconstruction] and print PSNR
+    and the grid size."""
     if not config["vqgan_ckpt"]:
         raise SystemExit("error: --reconstruct needs --vqgan_ckpt=CKPT (this project's or an official last.ckpt)")
     if not os.path.isfile(config["reconstruct"]):
@@ -201,10 +230,144 @@ def reconstruct(config):
         raise SystemExit(f"error: --reconstruct={config['reconstruct']} could not be read as an image ({e})") from None
     x = image[None].to(device)
     x_hat, indices, _ = vqgan(x)
-    path = save_image_grid(torch.cat([x, x_hat]), config["out"], nrow=2)
+    path = save_image_grid(torch.cat([x, token_picture(indices, vqgan.n_codes, f), x_hat]), config["out"], nrow=3)
     h, w = indices.shape[1:]
     print(f"PSNR {psnr(x, x_hat).item():.2f} dB, {h}x{w} tokens of {vqgan.n_codes} codes; wrote {path}")
     return path
+
+
+def foreground_agreement(images, semantic):
+    """How closely samples follow their semantic maps' foreground/background split, per sample:
+    images (B, 3, H, W) in [-1, 1], maps long (B, H, W) with 0 = background -> (B,) in [0, 1].
+
+    Every pixel gets its nearest palette colour (the built-in shapes are drawn in those 8). A
+    sample's background colour is the colour most of its map's background pixels have, and a
+    pixel agrees when it has the background colour exactly where the map says background: a
+    foreground pixel must have any other colour. (A map without background has no background
+    colour, so there every pixel agrees.)"""
+    palette = _palette_tensor()  # (8, 3)
+    pixels = images.permute(0, 2, 3, 1).reshape(len(images), -1, 3).float()
+    colour = torch.cdist(pixels, palette.expand(len(images), -1, -1)).argmin(-1)  # (B, H*W)
+    background = semantic.reshape(len(images), -1) == 0
+    agreement = []
+    for c, bg in zip(colour, background):
+        bg_colour = torch.bincount(c[bg], minlength=len(palette)).argmax() if bg.any() else -1
+        agreement.append(((c == bg_colour) == bg).float().mean())
+    return torch.stack(agreement)
+
+
+def load_cond_vqgan(gpt_ckpt, config, device):
+    """The condition VQGAN of a spatial GPT (the one it was trained with unless --cond_vqgan_ckpt)."""
+    path = config["cond_vqgan_ckpt"] or gpt_ckpt["cond_vqgan_ckpt"]
+    ckpt = load_checkpoint(path, "vqgan")
+    kind, n_codes = gpt_ckpt["cond_config"]["condition"], gpt_ckpt["model_config"]["n_cond_tokens"]
+    if ckpt["config"].get("condition", "") != kind or ckpt["model_config"]["n_codes"] != n_codes:
+        raise SystemExit(f"error: {path} is not a {kind} condition VQGAN with {n_codes} codes, which this GPT "
+                         f"was trained with (give the --cond_vqgan_ckpt it was trained with)")
+    return vqgan_from_checkpoint(ckpt).to(device).eval()
+
+
+def read_condition(gpt_ckpt, config):
+    """--cond -> (images (B, 3, H, W) or None, semantic maps (B, H, W) or None): 'scene' draws
+    num_samples scenes (maps and their pictures); a file gives one label map or one image."""
+    cond_config, name, cell = gpt_ckpt["cond_config"], config["cond"], gpt_ckpt["image_size"]
+    if name == "scene":
+        height, width = config["height"] or cell, config["width"] or 3 * cell
+        scenes = [draw_scene(height, width, cell, seed=config["seed"] + i) for i in range(config["num_samples"])]
+        return torch.stack([s[0] for s in scenes]), torch.stack([s[1] for s in scenes])
+    if not os.path.isfile(name):
+        raise SystemExit(f"error: --cond={name}: no such file (give a {'label PNG' if cond_config['condition'] == 'semantic' else 'image'}, "
+                         f"or --cond=scene)")
+    if cond_config["condition"] == "semantic":
+        return None, torch.from_numpy(read_label_map(name, cond_config["cond_classes"])).long()[None]
+    try:
+        return TF.to_tensor(open_rgb(name))[None] * 2 - 1, None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for unreadable files
+        raise SystemExit(f"error: --cond={name} could not be read as an image ({e})") from None
+
+
+class Animation:
+    """--animate: while sample_sliding_window fills the token grid, decode it every few tokens
+    into a GIF frame. Positions not sampled yet are grey (the decoder still sees code 0 there, so
+    their neighbours are a preview, not the final pixels). The frame count is capped, so a 16x16
+    or a 64x64 grid gives a GIF of the same small size."""
+    max_frames = 30
+    max_shown = 4           # samples side by side in the GIF
+
+    def __init__(self, vqgan, h, w):
+        self.vqgan, self.h, self.w = vqgan, h, w
+        self.every = math.ceil(h * w / self.max_frames)  # tokens per frame
+        self.frames = []
+
+    def on_token(self, grid, i, j, window):
+        done = i * self.w + j + 1
+        if done % self.every == 0 or done == self.h * self.w:
+            self.frames.append(self.frame(grid[:self.max_shown], done, window))
+
+    @torch.no_grad()
+    def frame(self, grid, done, window):
+        f = self.vqgan.downsample_factor
+        images = self.vqgan.decode_indices(grid).float().clamp(-1, 1)
+        sampled = (torch.arange(self.h * self.w, device=grid.device) < done).view(1, 1, self.h, self.w)
+        images = images * F.interpolate(sampled.float(), scale_factor=f)  # 0 = mid grey in [-1, 1]
+        scale = max(1, min(4, 96 // images.shape[2]))  # small images are enlarged to be seen
+        images = F.interpolate(images, scale_factor=scale, mode="nearest")
+        pad = 2
+        picture = TF.to_pil_image(torchvision.utils.make_grid((images.cpu() + 1) / 2, nrow=len(images),
+                                                              padding=pad, pad_value=0.5))
+        r0, c0, wh, ww = window
+        if (wh, ww) != (self.h, self.w):  # sliding: outline the window this token was sampled in
+            draw, size = ImageDraw.Draw(picture), f * scale
+            width = self.w * size + pad
+            for k in range(len(images)):
+                x0, y0 = pad + k * width + c0 * size, pad + r0 * size
+                draw.rectangle([x0, y0, x0 + ww * size - 1, y0 + wh * size - 1], outline=(255, 0, 0))
+        return picture
+
+    def save(self, path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        durations = [80] * (len(self.frames) - 1) + [1500]  # hold the finished images
+        self.frames[0].save(path, save_all=True, append_images=self.frames[1:], duration=durations, loop=0)
+        print(f"wrote {len(self.frames)} frames of generation to {path}")
+
+
+@torch.no_grad()
+def sample_spatial(model, vqgan, gpt_ckpt, config, device):
+    """Sample images that follow a spatial condition of any size (the sliding window when it is
+    larger than the training crops). -> (rows of [condition, sample] or, for a low-resolution
+    condition, [image, sample, low-res input], images per row)."""
+    cond_vqgan, cond_config = load_cond_vqgan(gpt_ckpt, config, device), gpt_ckpt["cond_config"]
+    images, semantic = read_condition(gpt_ckpt, config)
+    height, width = (semantic if semantic is not None else images[:, 0]).shape[-2:]
+    # both sides must split into whole tokens of the image VQGAN and of the condition VQGAN
+    cond_f = cond_vqgan.downsample_factor * (cond_config["lowres_factor"] if cond_config["condition"] == "lowres" else 1)
+    step = math.lcm(vqgan.downsample_factor, cond_f)
+    if height % step or width % step:
+        raise SystemExit(f"error: the condition is {width}x{height} pixels; both sides must be multiples of {step} "
+                         f"(the VQGANs' downsampling; e.g. {max(step, width // step * step)}x{max(step, height // step * step)})")
+    h, w = token_grid_size(dict(config, height=height, width=width), gpt_ckpt, vqgan.downsample_factor)
+    x = condition_input((images, None, semantic), cond_config).to(device)
+    n = config["num_samples"]
+    r = cond_vqgan.encode(x)[1].expand(n, -1, -1)  # one file: the same condition for every sample
+    g = torch.Generator(device=device).manual_seed(config["seed"])
+    animation = Animation(vqgan, h, w) if config["animate"] else None
+    try:
+        tokens = sample_sliding_window(model, spatial_cond_tokens(model, r), h, w, *gpt_ckpt["grid_hw"], generator=g,
+                                       progress=True, on_token=animation and animation.on_token,
+                                       **sampling_options(config))
+    except ValueError as e:  # a condition grid that does not tile the image grid
+        raise SystemExit(f"error: {e}") from None
+    samples = vqgan.decode_indices(tokens)
+    if animation:
+        animation.save(config["animate"])
+    if semantic is not None and cond_config["data"] == "shapes":
+        agreement = foreground_agreement(samples.cpu().clamp(-1, 1), semantic.expand(n, -1, -1))
+        print(f"foreground/background agreement with the map: {agreement.mean().item():.3f} "
+              f"(per sample: {', '.join(f'{a:.2f}' for a in agreement.tolist())})")
+    pictures = show_condition(x, cond_config).expand(n, -1, -1, -1)
+    columns = [pictures, samples] if cond_config["condition"] == "semantic" else \
+        [images.to(device).expand(n, -1, -1, -1), samples, pictures]
+    return torch.stack(columns, 1).flatten(0, 1), len(columns)
 
 
 @torch.no_grad()
@@ -215,7 +378,20 @@ def sample(config):
     model, vqgan, gpt_ckpt = load_models(config, device)
     if config["num_samples"] <= 0 or config["temperature"] <= 0 or not 0 < config["top_p"] <= 1 or config["top_k"] < 0:
         raise SystemExit("error: need --num_samples > 0, --temperature > 0, 0 < --top_p <= 1 and --top_k >= 0")
-    if config["complete"]:
+    spatial = gpt_ckpt["conditional"] == "spatial"
+    if spatial != bool(config["cond"]):
+        kind = "unconditional" if gpt_ckpt["conditional"] == "none" else f"{gpt_ckpt['conditional']}-conditional"
+        raise SystemExit(f"error: --cond is for spatially conditioned GPTs, and this one is {kind} (drop --cond)"
+                         if config["cond"] else f"error: this GPT is conditioned on {gpt_ckpt['cond_config']['condition']} "
+                         f"maps: give --cond=FILE or --cond=scene")
+    if spatial and config["complete"]:
+        raise SystemExit("error: --complete is for unconditional and class-conditional GPTs (use --cond with this one)")
+    if config["animate"] and (config["complete"] or not config["animate"].lower().endswith(".gif")):
+        raise SystemExit(f"error: --animate={config['animate']} needs a path ending in .gif, and sampling "
+                         f"without --complete")
+    if spatial:
+        images, nrow = sample_spatial(model, vqgan, gpt_ckpt, config, device)
+    elif config["complete"]:
         images, nrow = complete_image(model, vqgan, gpt_ckpt, config, device)
     else:
         h, w = token_grid_size(config, gpt_ckpt, vqgan.downsample_factor)
@@ -224,9 +400,12 @@ def sample(config):
         trained_h, trained_w = gpt_ckpt["grid_hw"]
         # On the trained grid this is plain autoregressive sampling with a KV cache; on a larger
         # grid it is the sliding window. One code path, the same tokens for the same seed.
+        animation = Animation(vqgan, h, w) if config["animate"] else None
         tokens = sample_sliding_window(model, cond, h, w, trained_h, trained_w, generator=g, progress=True,
-                                       **sampling_options(config))
+                                       on_token=animation and animation.on_token, **sampling_options(config))
         images = vqgan.decode_indices(tokens)
+        if animation:
+            animation.save(config["animate"])
     path = save_image_grid(images, config["out"], nrow)
     print(f"wrote {len(images)} images to {path}")
     return path
@@ -240,7 +419,8 @@ def eval_data_settings(config, vqgan_path, trained_size):
     """Which validation images to compare with: --data if given, else the VQGAN's own training
     data (its held-out split), at --image_size or the size the VQGAN was trained on."""
     if config["data"]:
-        settings = dict(data=config["data"], image_size=trained_size, val_fraction=0.05, seed=0, data_root="data")
+        settings = dict(data=config["data"], image_size=trained_size, val_fraction=0.05, seed=0, data_root="data",
+                        condition="")
     else:
         ckpt = load_checkpoint_file(vqgan_path) if vqgan_path else None
         if not (isinstance(ckpt, dict) and ckpt.get("kind") == "vqgan"):
@@ -280,6 +460,9 @@ def evaluate_vqgan(config):
     if settings["image_size"] % vqgan.downsample_factor:
         raise SystemExit(f"error: --image_size={settings['image_size']} is not a multiple of the VQGAN's "
                          f"f={vqgan.downsample_factor}")
+    if settings.get("condition") == "semantic":
+        raise SystemExit(f"error: {config['vqgan_ckpt']} is a semantic-map VQGAN: --eval measures images "
+                         f"(its pixel accuracy is in its log.csv)")
     val_set = validation_images(settings, config["eval_images"])
     torch.manual_seed(config["seed"])  # fixes the random networks of --pretrained=false
     random_note = "" if config["pretrained"] else "; random weights: compare only with other --pretrained=false runs"
@@ -287,8 +470,9 @@ def evaluate_vqgan(config):
     if settings["image_size"] < MIN_SIZE:
         lpips, lpips_note = None, f"unavailable: needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels"
     inception, fid_note = metric_network(lambda: build_inception(config["pretrained"]).to(device), "Inception-v3")
-    m, _ = evaluate(vqgan.to(device), lpips, val_set, dict(eval_images=len(val_set), batch_size=EVAL_BATCH_SIZE,
-                    num_workers=0), device, pick_dtype("auto", device), inception)
+    eval_config = dict(settings, condition=settings.get("condition", ""), eval_images=len(val_set),
+                       batch_size=EVAL_BATCH_SIZE, num_workers=0)
+    m, _ = evaluate(vqgan.to(device), lpips, val_set, eval_config, device, pick_dtype("auto", device), inception)
     size = settings["image_size"]
     print(f"{config['vqgan_ckpt']} on {len(val_set)} validation images of {settings['data']} ({size}x{size}):")
     print(f"  L1         {m['val_l1']:.4f}")
@@ -312,6 +496,9 @@ def sample_fid(config):
     model, vqgan, gpt_ckpt = load_models(config, device)
     if config["num_samples"] < 2:
         raise SystemExit(f"error: --sample_fid needs --num_samples of at least 2 (got {config['num_samples']})")
+    if gpt_ckpt["conditional"] == "spatial":
+        raise SystemExit("error: --sample_fid samples unconditional and class-conditional GPTs; this one needs a "
+                         "spatial condition per sample (compare its samples by eye: python sample.py --cond=scene)")
     settings = eval_data_settings(config, config["vqgan_ckpt"] or gpt_ckpt.get("vqgan_ckpt", ""), gpt_ckpt["image_size"])
     label = class_label(gpt_ckpt, config)
     torch.manual_seed(config["seed"])

@@ -24,6 +24,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from lpips_lite import LPIPS, LPIPSWeightsUnavailable, download_imagenet_weights
 from vqgan import (VQGAN, Discriminator, PAPER_CONFIG, adaptive_weight, codebook_usage, hinge_d_loss,
-                   hinge_g_loss, init_codebook_with_kmeans, restart_dead_codes, usage_from_counts)
+                   hinge_g_loss, init_codebook_with_kmeans, restart_dead_codes, semantic_rec_loss, usage_from_counts)
 
 # -----------------------------------------------------------------------------
 # Hyperparameters. Each can be overridden from the shell: --name=value. The defaults train on the
@@ -67,6 +68,7 @@ CONFIG = dict(
     disc_start=1400,          # step at which the discriminator starts; before it, D neither trains nor runs
     disc_weight=0.1,          # multiplies the adaptive lambda of Eq. (7). Official configs: 0.8, next to LPIPS;
                               # with L1 alone on shapes, 0.8 lets D trade ~3 dB of PSNR for texture in minutes
+    adaptive_lambda=True,     # False: lambda = disc_weight, fixed, instead of Eq. (7) (an experiment: see README)
     disc_ndf=32,              # discriminator base width (paper 64; 32 is plenty for 32x32 shapes)
     disc_layers=3,            # stride-2 conv blocks in D (paper 3); needs image_size >= 3 * 2^disc_layers
     # optimisation
@@ -82,6 +84,16 @@ CONFIG = dict(
     dtype="auto",             # auto = bf16 autocast on CUDA (fp16 + GradScaler without bf16), fp32 elsewhere
     seed=0,
     resume=False,             # continue from out_dir/ckpt.pt exactly where it stopped
+    # speed and memory (issue 7); under torchrun batch_size is per process
+    compile=False,            # wrap the models in torch.compile (slow first steps, faster after; needs a C++ compiler)
+    grad_checkpointing=False, # recompute encoder/decoder blocks in backward instead of storing their activations
+    # spatial conditioning (issue 5): a condition VQGAN, whose index grid the spatial GPT is conditioned on
+    condition="",             # '' = the image VQGAN; 'semantic' = one-hot semantic maps in, per-pixel class logits
+                              # out, cross-entropy + VQ loss (no L1/LPIPS/GAN); 'lowres' = images downsampled
+                              # by lowres_factor, the usual losses
+    lowres_factor=4,          # condition=lowres: the images are downsampled by this factor (the paper's SR used 8)
+    cond_data="",             # condition=semantic with --data=PATH: a parallel folder of label PNGs (same names, .png)
+    cond_classes=0,           # condition=semantic: number of classes incl. background (0 = the shapes' 4; a folder needs it)
 )
 
 # --preset=paper: the paper's VQGAN (custom_vqgan.yaml). lr becomes 4.5e-6 x batch_size unless given.
@@ -89,7 +101,8 @@ PAPER_PRESET = dict(PAPER_CONFIG, image_size=256, perceptual_weight=1.0, disc_st
                     disc_ndf=64, batch_size=4, max_steps=500000, eval_interval=2000, eval_images=64)
 
 # Model keys: these must match a checkpoint we resume from.
-MODEL_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_codes",
+MODEL_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_codes", "condition",
+              "cond_classes", "lowres_factor",
               "disc_ndf", "disc_layers", "code_dim", "l2_codes")
 
 # -----------------------------------------------------------------------------
@@ -174,6 +187,46 @@ def pick_dtype(name, device):
 
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def setup_ddp(device_name):
+    """-> (ddp, rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE in each
+    process it starts; without them this is a plain single-process run and nothing changes."""
+    if "RANK" not in os.environ:
+        return False, 0, 1, pick_device(device_name)
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = pick_device(device_name)
+    if device.type == "mps":
+        raise SystemExit("error: torchrun needs CUDA (nccl) or the CPU (gloo), not MPS (use --device=cpu)")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True, rank, world_size, device
+
+
+def wrap_for_training(module, config, ddp, device):
+    """The module the training step calls: torch.compile'd and/or DDP-wrapped as asked. It shares
+    its parameters with `module`, which stays the one to save, evaluate and sample with (plain
+    state-dict keys, no collective operations)."""
+    if config["compile"]:
+        # Eq. (7) takes gradients of the same graph twice (retain_graph=True), which compiled
+        # backward functions refuse while they reuse ("donate") their buffers: keep them their own.
+        torch._functorch.config.donated_buffer = False
+        module = torch.compile(module)
+    if ddp:
+        # DDP averages the gradients over the processes during backward
+        module = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return module
+
+
+def unwrap_ddp(module):
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+def unwrap(module):
+    """The plain module inside DDP and torch.compile wrappers."""
+    return getattr(unwrap_ddp(module), "_orig_mod", unwrap_ddp(module))  # torch.compile keeps it as _orig_mod
 
 
 def save_checkpoint(obj, path):
@@ -361,6 +414,121 @@ class ShapesDataset(torch.utils.data.Dataset):
         return image.contiguous(), label, semantic
 
 
+def draw_scene(height, width, cell, seed=0):
+    """A canvas of several shapes for spatial conditioning: one shape per cell x cell square (cell =
+    the training size, so every shape has the size the models were trained on), one background
+    colour. -> (image float32 (3, height, width) in [-1, 1], semantic map long (height, width)).
+    Pixels outside the last whole cell are background."""
+    rng = np.random.default_rng([seed, height, width])
+    ys, xs = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
+    colours = _palette_tensor()
+    background = int(rng.integers(len(PALETTE)))
+    image = colours[background][:, None, None].repeat(1, height, width)
+    semantic = torch.zeros(height, width, dtype=torch.long)
+    for top in range(0, height - cell + 1, cell):
+        for left in range(0, width - cell + 1, cell):
+            label = int(rng.integers(NUM_SHAPE_CLASSES))
+            colour = (background + int(rng.integers(1, len(PALETTE)))) % len(PALETTE)
+            size = cell * rng.uniform(*SHAPE_SIZE_RANGE)
+            cx, cy = left + rng.uniform(size / 2, cell - size / 2), top + rng.uniform(size / 2, cell - size / 2)
+            mask = torch.from_numpy(_shape_mask(label, cx, cy, size, xs, ys))
+            image[:, mask] = colours[colour][:, None]
+            semantic[mask] = 1 + label
+    return image, semantic
+
+
+def one_hot_map(semantic, n_classes):
+    """Semantic maps long (B, H, W) -> the condition VQGAN's input, float one-hot (B, n_classes, H, W)."""
+    if int(semantic.min()) < 0 or int(semantic.max()) >= n_classes:
+        raise ValueError(f"class id out of range [0, {n_classes}): got ids {int(semantic.min())}..{int(semantic.max())}")
+    return torch.nn.functional.one_hot(semantic, n_classes).permute(0, 3, 1, 2).float()
+
+
+def downsample(images, factor):
+    # The low-resolution condition: each factor x factor block averaged (a box filter, no aliasing
+    # from skipped pixels). Sizes must be multiples of `factor`.
+    return torch.nn.functional.avg_pool2d(images, factor)
+
+
+def condition_input(batch, config):
+    """A data batch (images, labels[, semantic maps]) -> what the VQGAN described by `config`
+    (a train_vqgan config, e.g. a checkpoint's) encodes: the images, their one-hot semantic maps
+    (condition='semantic') or their downsampled versions (condition='lowres')."""
+    condition = config.get("condition", "")  # checkpoints from before spatial conditioning: image VQGANs
+    if condition == "semantic":
+        if len(batch) < 3:
+            raise SystemExit("error: this data has no semantic maps (use --data=shapes, or a folder with --cond_data=LABELS)")
+        return one_hot_map(batch[2], config["cond_classes"])
+    if condition == "lowres":
+        return downsample(batch[0], config["lowres_factor"])
+    return batch[0]
+
+
+def colourise(semantic):
+    """Semantic maps long (B, H, W) -> RGB (B, 3, H, W) in [-1, 1] a person can look at:
+    class k gets palette colour k (0 = background black, 1 white, 2 red, ...)."""
+    return _palette_tensor()[semantic % len(PALETTE)].permute(0, 3, 1, 2)
+
+
+def show_condition(x, config):
+    """A condition VQGAN's input or output -> RGB pictures in [-1, 1] at the image size: a semantic
+    map (one-hot or logits) in colour, a low-resolution image enlarged with nearest neighbours."""
+    if config.get("condition", "") == "semantic":
+        return colourise(x.argmax(1))
+    if config.get("condition", "") == "lowres":
+        return torch.nn.functional.interpolate(x.clamp(-1, 1), scale_factor=config["lowres_factor"], mode="nearest")
+    return x
+
+
+def read_label_map(path, n_classes):
+    """A label PNG (one channel: mode L or P, pixel value = class id) -> uint8 array (H, W), checked."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no label PNG at {path} (every image needs a label map of the same name in --cond_data)")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode, labels = img.mode, np.array(img)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for unreadable files
+        raise SystemExit(f"error: {path} could not be read as a label PNG ({_first_line(e)})") from None
+    if mode not in ("L", "P"):
+        raise SystemExit(f"error: {path} is a mode-{mode} image; a label map has one channel of class ids (mode L or P)")
+    if int(labels.max()) >= n_classes:
+        raise SystemExit(f"error: {path} has class id {int(labels.max())}, out of range for {n_classes} classes "
+                         f"(ids 0..{n_classes - 1}; fix the map, or train with a larger --cond_classes)")
+    return labels
+
+
+class LabelledFolderDataset(torch.utils.data.Dataset):
+    """Images of a folder with their semantic maps from a parallel folder of label PNGs:
+    <cond_root>/<path relative to image_root, extension .png>. Item -> (image float32 (3, S, S)
+    in [-1, 1], -1, semantic long (S, S)). Resized (the labels with nearest neighbours, so no id
+    is blended into another) and centre-cropped, never randomly cropped or flipped: the image
+    and its map stay aligned without a paired random transform. Every map is checked up front."""
+
+    def __init__(self, files, image_root, cond_root, image_size, n_classes):
+        self.files, self.n_classes = list(files), n_classes
+        self.label_files = [os.path.join(cond_root, os.path.splitext(os.path.relpath(f, image_root))[0] + ".png")
+                            for f in self.files]
+        for image_file, label_file in zip(self.files, self.label_files):
+            labels = read_label_map(label_file, n_classes)
+            with Image.open(image_file) as img:
+                if img.size != labels.shape[::-1]:
+                    raise SystemExit(f"error: {label_file} is {labels.shape[1]}x{labels.shape[0]} but its image "
+                                     f"{image_file} is {img.size[0]}x{img.size[1]} (a label map must match its image)")
+        self.transform = image_transform(image_size, train=False)
+        self.label_transform = T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.NEAREST),
+                                          T.CenterCrop(image_size)])
+        self.random_flip, self.num_classes = False, 0  # read by train_gpt.py
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        labels = Image.fromarray(read_label_map(self.label_files[index], self.n_classes))
+        semantic = torch.from_numpy(np.array(self.label_transform(labels))).long()
+        return self.transform(open_rgb(self.files[index])), -1, semantic
+
+
 # -----------------------------------------------------------------------------
 # a folder of images (--data=PATH)
 
@@ -513,8 +681,9 @@ def split_files(files, val_fraction, seed):
 
 
 def make_datasets(data, image_size, val_fraction=0.05, seed=0, data_root="data",
-                  num_shapes=50_000, num_val_shapes=512):
-    """--data=shapes | cifar10 | mnist | celeba | PATH -> (train_ds, val_ds)."""
+                  num_shapes=50_000, num_val_shapes=512, cond_data="", cond_classes=0):
+    """--data=shapes | cifar10 | mnist | celeba | PATH -> (train_ds, val_ds). With cond_data (a
+    folder of label PNGs for --data=PATH), the items also carry their semantic maps."""
     _check_data_args(image_size, val_fraction)
     if data == "shapes":
         # Shapes cost nothing to store, so the training set can be large. The validation seed is
@@ -527,6 +696,12 @@ def make_datasets(data, image_size, val_fraction=0.05, seed=0, data_root="data",
     root = os.path.expanduser(data)
     good, _ = find_images(root)
     train_files, val_files = split_files(good, val_fraction, seed)
+    if cond_data:
+        cond_root = os.path.expanduser(cond_data)
+        if not os.path.isdir(cond_root):
+            raise SystemExit(f"error: --cond_data={cond_data}: no such folder (a folder of label PNGs named like the images)")
+        return tuple(LabelledFolderDataset(files, root, cond_root, image_size, cond_classes)
+                     for files in (train_files, val_files))
     return ImageFileDataset(train_files, image_size, True), ImageFileDataset(val_files, image_size, False)
 
 
@@ -634,23 +809,34 @@ def inception_features(net, x):
     return net(x).double()
 
 
-def step_batches(dataset, batch_size, seed, start_step, num_workers):
+def pixel_accuracy(logits, one_hot):
+    """Per-map fraction of pixels whose most likely class is the true one: logits and one-hot
+    maps (B, C, H, W) -> (B,)."""
+    return (logits.argmax(1) == one_hot.argmax(1)).float().flatten(1).mean(1)
+
+
+def step_batches(dataset, batch_size, seed, start_step, num_workers, rank=0, world_size=1):
     """Batches for steps start_step, start_step+1, ... in an order fixed by (seed, epoch).
 
     Because the order depends only on the step number, --resume sees exactly the batches the
-    interrupted run would have seen, without storing any sampler state.
+    interrupted run would have seen, without storing any sampler state. Under torchrun each of
+    the world_size processes takes every world_size-th index of the same shuffle (its shard,
+    DistributedSampler); together their batches are exactly the single-process batch of
+    batch_size x world_size. Works for any map-style dataset, the on-the-fly shapes included.
     """
-    n = len(dataset)
-    if n < batch_size:
-        raise SystemExit(f"error: the training set has {n} images, fewer than --batch_size={batch_size}")
-    per_epoch = n // batch_size
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                  seed=seed * 100003, drop_last=True)
+    if len(sampler) < batch_size:
+        raise SystemExit(f"error: the training set has {len(dataset)} images, fewer than --batch_size={batch_size}"
+                         f"{f' x {world_size} processes' if world_size > 1 else ''}")
+    per_epoch = len(sampler) // batch_size
 
     def indices():
         step = start_step
         while True:
             epoch, k = divmod(step, per_epoch)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-            yield from order[k * batch_size:(k + 1) * batch_size].tolist()
+            sampler.set_epoch(epoch)  # reseed: a new shuffle every epoch, the same one in every process
+            yield from list(sampler)[k * batch_size:(k + 1) * batch_size]
             step += 1
 
     return iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices(),
@@ -664,9 +850,18 @@ def build_lpips(config, device):
         raise SystemExit(f"error: {e}") from None
 
 
+def discriminator_on(step, config):
+    # a semantic condition VQGAN never uses the GAN (its loss is cross-entropy + VQ); .get: callers
+    # such as bench.py pass only the loss settings
+    return step >= config["disc_start"] and config.get("condition", "") != "semantic"
+
+
 def generator_step(model, disc, lpips, x, step, config):
     """Eq. (6) for E, G and the codebook. Returns the reconstruction and the logged numbers."""
     x_hat, indices, q_loss = model(x)
+    if config.get("condition", "") == "semantic":  # x one-hot, x_hat per-pixel class logits
+        rec_loss = semantic_rec_loss(x_hat, x)
+        return rec_loss + q_loss, x_hat, indices, dict(rec=rec_loss.item(), q=q_loss.item(), lam=0.0)
     # L_rec: per-pixel L1, plus LPIPS per image broadcast over its pixels (the official nll).
     rec = (x - x_hat).abs()
     if lpips is not None and config["perceptual_weight"] > 0:
@@ -674,11 +869,16 @@ def generator_step(model, disc, lpips, x, step, config):
     rec_loss = rec.mean()
     loss = rec_loss + q_loss  # Eq. (4): L_rec + codebook term + beta * commitment term
     lam = torch.zeros(())
-    if step >= config["disc_start"]:
+    if discriminator_on(step, config):
         # D scores the reconstruction; D's own weights are frozen here, so this step moves G only.
-        g_loss = hinge_g_loss(disc(x_hat))
+        # (Past DDP's wrapper: frozen weights have no gradients to average, and its reducer would
+        # wait for them.)
+        g_loss = hinge_g_loss(unwrap_ddp(disc)(x_hat))
         # Eq. (7); under autocast the two gradients come from the same fp32 master weights.
-        lam = adaptive_weight(rec_loss, g_loss, model.last_layer) * config["disc_weight"]
+        if config.get("adaptive_lambda", True):
+            lam = adaptive_weight(rec_loss, g_loss, unwrap(model).last_layer) * config["disc_weight"]
+        else:  # the ablation: a fixed weight, whatever the two gradients' sizes
+            lam = torch.tensor(float(config["disc_weight"]), device=x.device)
         loss = loss + lam * g_loss  # Eq. (6): L_VQ + lambda * L_GAN
     return loss, x_hat, indices, dict(rec=rec_loss.item(), q=q_loss.item(), lam=lam.item())
 
@@ -700,7 +900,7 @@ def train_step(model, disc, lpips, opt_g, opt_d, scaler, x, step, config, device
     scaler.update()
 
     logs["d"] = 0.0
-    if step >= config["disc_start"]:  # before disc_start D costs nothing: no forward, no backward
+    if discriminator_on(step, config):  # before disc_start D costs nothing: no forward, no backward
         disc.requires_grad_(True)
         with autocast(device, dtype):
             d_loss = discriminator_step(disc, x, x_hat)
@@ -719,30 +919,37 @@ def evaluate(model, lpips, val_set, config, device, dtype, inception=None):
     model.eval()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(min(len(val_set), config["eval_images"]))),
                                          batch_size=config["batch_size"], num_workers=config["num_workers"])
-    l1, ps, lp, all_indices, first = [], [], [], [], None
+    l1, ps, lp, acc, all_indices, first = [], [], [], [], [], None
     ss, real, fake = [], [], []
     for batch in loader:
-        x = batch[0].to(device)
+        x = condition_input(batch, config).to(device)
         with autocast(device, dtype):
             x_hat, indices, _ = model(x)
-        x_hat = x_hat.float().clamp(-1, 1)  # measure the image a person sees (the PNG is clamped too)
-        l1.append((x - x_hat).abs().flatten(1).mean(1))
-        ps.append(psnr(x, x_hat))
-        if lpips is not None:
-            lp.append(lpips(x, x_hat).float())
-        if min(x.shape[-2:]) >= 11:  # SSIM's window
-            ss.append(ssim(x, x_hat))
-        if inception is not None:
-            real.append(inception_features(inception, x))
-            fake.append(inception_features(inception, x_hat))
+        if config["condition"] == "semantic":  # class accuracy; the PNG shows the maps in colour
+            acc.append(pixel_accuracy(x_hat.float(), x))
+            x, x_hat = colourise(x.argmax(1)), colourise(x_hat.argmax(1))
+        else:
+            x_hat = x_hat.float().clamp(-1, 1)  # measure the image a person sees (the PNG is clamped too)
+            l1.append((x - x_hat).abs().flatten(1).mean(1))
+            ps.append(psnr(x, x_hat))
+            if lpips is not None:
+                lp.append(lpips(x, x_hat).float())
+            if min(x.shape[-2:]) >= 11:  # SSIM's window
+                ss.append(ssim(x, x_hat))
+            if inception is not None:
+                real.append(inception_features(inception, x))
+                fake.append(inception_features(inception, x_hat))
         all_indices.append(indices.flatten())
         first = first if first is not None else (x[:8].cpu(), x_hat[:8].cpu())
     model.train()
     usage, perplexity = codebook_usage(torch.cat(all_indices), model.n_codes)
-    metrics = dict(val_l1=torch.cat(l1).mean().item(), val_psnr=torch.cat(ps).mean().item(),
-                   val_lpips=torch.cat(lp).mean().item() if lp else float("nan"),
-                   val_usage=usage, val_perplexity=perplexity,
-                   val_ssim=torch.cat(ss).mean().item() if ss else float("nan"))
+    if acc:
+        metrics = dict(val_accuracy=torch.cat(acc).mean().item())
+    else:
+        metrics = dict(val_l1=torch.cat(l1).mean().item(), val_psnr=torch.cat(ps).mean().item(),
+                       val_lpips=torch.cat(lp).mean().item() if lp else float("nan"),
+                       val_ssim=torch.cat(ss).mean().item() if ss else float("nan"))
+    metrics.update(val_usage=usage, val_perplexity=perplexity)
     if inception is not None:
         metrics["val_fid"] = fid(torch.cat(real), torch.cat(fake))
     return metrics, first
@@ -769,7 +976,8 @@ def resolve_config(overrides):
         config.update(config_to_resume(overrides, overrides.get("out_dir", config["out_dir"]), "vqgan", MODEL_KEYS))
     config.update(overrides)
     if preset == "paper" and "lr" not in overrides and not overrides.get("resume", False):
-        config["lr"] = 4.5e-6 * config["batch_size"]  # the paper's lr scaling rule
+        # the paper's lr scaling rule, on the global batch (torchrun: batch_size per process)
+        config["lr"] = 4.5e-6 * config["batch_size"] * int(os.environ.get("WORLD_SIZE", 1))
     check_config(config)
     return config
 
@@ -785,11 +993,13 @@ def check_config(c):
         raise SystemExit(f"error: --n_codes={c['n_codes']} must be at least 2")
     if not c["ch_mult"]:
         raise SystemExit("error: --ch_mult needs at least one level, e.g. --ch_mult=1,2,2")
-    if c["image_size"] % f:
-        raise SystemExit(f"error: --image_size={c['image_size']} is not a multiple of the downsampling factor "
-                         f"f={f} (from --ch_mult); use a multiple of {f}")
-    if c["image_size"] < 3 * 2 ** c["disc_layers"]:
-        raise SystemExit(f"error: --image_size={c['image_size']} is too small for a discriminator with "
+    check_condition(c)
+    size, what = input_size(c), "" if c["condition"] != "lowres" else f" / --lowres_factor={c['lowres_factor']}"
+    if size % f:
+        raise SystemExit(f"error: --image_size={c['image_size']}{what} = {size} is not a multiple of the downsampling "
+                         f"factor f={f} (from --ch_mult); use a multiple of {f}")
+    if size < 3 * 2 ** c["disc_layers"]:
+        raise SystemExit(f"error: --image_size={c['image_size']}{what} = {size} is too small for a discriminator with "
                          f"--disc_layers={c['disc_layers']} (needs >= {3 * 2 ** c['disc_layers']}; lower --disc_layers)")
     if c["lr"] <= 0 or c["beta"] < 0 or c["perceptual_weight"] < 0 or c["disc_weight"] < 0:
         raise SystemExit("error: --lr must be positive and --beta, --perceptual_weight, --disc_weight non-negative")
@@ -799,11 +1009,44 @@ def check_config(c):
         raise SystemExit("error: --code_dim and --dead_code_restart must be 0 (off) or positive (e.g. --code_dim=8)")
 
 
+def check_condition(c):
+    """The spatial-conditioning flags (issue 5); fills in cond_classes for the built-in shapes."""
+    if c["condition"] not in ("", "semantic", "lowres"):
+        raise SystemExit(f"error: --condition={c['condition']} is not one of semantic, lowres ('' = the image VQGAN)")
+    folder = c["data"] != "shapes" and c["data"] not in TORCHVISION_DATA
+    if c["cond_data"] and not (c["condition"] == "semantic" and folder):
+        raise SystemExit("error: --cond_data is for --condition=semantic with --data=PATH (a folder of images)")
+    if c["condition"] == "semantic":
+        if c["data"] == "shapes":
+            if c["cond_classes"] not in (0, 1 + NUM_SHAPE_CLASSES):
+                raise SystemExit(f"error: --cond_classes={c['cond_classes']}: the shapes have {1 + NUM_SHAPE_CLASSES} "
+                                 f"classes (background + {', '.join(SHAPE_NAMES)}); leave it at 0")
+            c["cond_classes"] = 1 + NUM_SHAPE_CLASSES
+        elif not c["cond_data"]:
+            raise SystemExit(f"error: --condition=semantic needs semantic maps: --data=shapes, or --data=PATH with "
+                             f"--cond_data=LABELS (--data={c['data']} has none)")
+        if c["cond_classes"] < 2:
+            raise SystemExit(f"error: --cond_classes={c['cond_classes']}: give the number of classes in the label "
+                             f"PNGs, background included (at least 2)")
+    if c["condition"] == "lowres" and (c["lowres_factor"] < 2 or c["image_size"] % c["lowres_factor"]):
+        raise SystemExit(f"error: --lowres_factor={c['lowres_factor']} must be >= 2 and divide "
+                         f"--image_size={c['image_size']}")
+
+
+def input_size(config):
+    # what the VQGAN sees: the images, or for a low-resolution condition their downsampled versions
+    lowres = config.get("condition", "") == "lowres"
+    return config["image_size"] // config["lowres_factor"] if lowres else config["image_size"]
+
+
 def model_kwargs(config):
+    # semantic condition: one input channel per class (one-hot), one output logit per class
+    channels = config["cond_classes"] if config["condition"] == "semantic" else 3
     return dict(ch=config["ch"], ch_mult=config["ch_mult"], num_res_blocks=config["num_res_blocks"],
-                attn_resolutions=config["attn_resolutions"], resolution=config["image_size"],
+                attn_resolutions=config["attn_resolutions"], resolution=input_size(config),
                 z_channels=config["z_channels"], embed_dim=config["embed_dim"], n_codes=config["n_codes"],
-                beta=config["beta"], code_dim=config["code_dim"], l2_codes=config["l2_codes"])
+                beta=config["beta"], in_channels=channels, out_channels=channels,
+                code_dim=config["code_dim"], l2_codes=config["l2_codes"])
 
 
 KMEANS_POINTS_PER_CODE = 10  # --kmeans_init: encoder outputs gathered per code before k-means
@@ -843,15 +1086,26 @@ def save_usage_histogram(counts, path, what, width=512, height=160):
 
 
 def train(config):
-    device = pick_device(config["device"])
+    ddp, rank, world_size, device = setup_ddp(config["device"])
+    master = rank == 0  # only this process writes checkpoints, images and logs
     dtype = pick_dtype(config["dtype"], device)
     torch.manual_seed(config["seed"])
     train_set, val_set = make_datasets(config["data"], config["image_size"], config["val_fraction"],
-                                       config["seed"], data_root=config["data_root"])
+                                       config["seed"], data_root=config["data_root"], cond_data=config["cond_data"],
+                                       cond_classes=config["cond_classes"])
 
     model = VQGAN(**model_kwargs(config)).to(device)
     disc = Discriminator(ndf=config["disc_ndf"], n_layers=config["disc_layers"]).to(device)
     lpips = build_lpips(config, device) if config["perceptual_weight"] > 0 else None
+    if config["grad_checkpointing"]:
+        model.encoder.grad_checkpointing = model.decoder.grad_checkpointing = True
+    if device.type == "cuda":  # channels-last: the layout cuDNN's fastest convolutions want
+        model.to(memory_format=torch.channels_last)
+        disc.to(memory_format=torch.channels_last)
+    if ddp and device.type == "cuda":
+        # D's BatchNorm normalises with the statistics of the whole batch, across processes.
+        # (PyTorch's SyncBatchNorm runs on GPUs only: on the CPU each process uses its shard's.)
+        disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
     # Two Adam optimisers with betas (0.5, 0.9), no weight decay, no schedule (official).
     opt_g = torch.optim.Adam(model.parameters(), lr=config["lr"], betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=config["lr"], betas=(0.5, 0.9))
@@ -869,15 +1123,18 @@ def train(config):
         opt_d.load_state_dict(ckpt["opt_d"])
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"])
-        print(f"resuming from {ckpt_path} at step {step}")
+        if master:
+            print(f"resuming from {ckpt_path} at step {step}")
     elif config["kmeans_init"]:
-        kmeans_init_codebook(model, train_set, config, device, dtype)
+        kmeans_init_codebook(model, train_set, config, device, dtype)  # rank 0's codebook on every rank
     os.makedirs(out_dir, exist_ok=True)
     # steps since each code was last chosen (--dead_code_restart), and code counts since the last
     # evaluation (the usage histogram); code_age is checkpointed so --resume stays exact
     code_age = ckpt["code_age"].to(device) if config["resume"] and "code_age" in ckpt else \
         torch.zeros(model.n_codes, dtype=torch.long, device=device)
     code_counts, restarts = torch.zeros(model.n_codes, dtype=torch.long, device=device), 0
+    # what the training step calls (model and disc stay the plain modules, sharing the weights)
+    train_model, train_disc = wrap_for_training(model, config, ddp, device), wrap_for_training(disc, config, ddp, device)
 
     def save():
         save_checkpoint(dict(kind="vqgan", model=model.state_dict(), model_config=model.config,
@@ -885,14 +1142,15 @@ def train(config):
                              opt_d=opt_d.state_dict(), step=step, config=config_for_checkpoint(config),
                              rng=torch.get_rng_state(), code_age=code_age.cpu()), ckpt_path)
 
-    batches = step_batches(train_set, config["batch_size"], config["seed"], step, config["num_workers"])
-    bar = tqdm(total=config["max_steps"], initial=step, desc="vqgan", dynamic_ncols=True)
+    batches = step_batches(train_set, config["batch_size"], config["seed"], step, config["num_workers"], rank, world_size)
+    bar = tqdm(total=config["max_steps"], initial=step, desc="vqgan", dynamic_ncols=True, disable=not master)
     model.train()
     disc.train()
     started = time.time()
     while step < config["max_steps"]:
-        x = next(batches)[0].to(device)
-        logs, indices = train_step(model, disc, lpips, opt_g, opt_d, scaler, x, step, config, device, dtype)
+        x = condition_input(next(batches), config).to(device)
+        x = x.to(memory_format=torch.channels_last) if device.type == "cuda" else x
+        logs, indices = train_step(train_model, train_disc, lpips, opt_g, opt_d, scaler, x, step, config, device, dtype)
         step += 1
         code_counts += torch.bincount(indices.flatten(), minlength=model.n_codes)
         if config["dead_code_restart"]:
@@ -902,13 +1160,14 @@ def train(config):
         bar.set_postfix(rec=f"{logs['rec']:.3f}", q=f"{logs['q']:.3f}", d=f"{logs['d']:.3f}",
                         lam=f"{logs['lam']:.2f}", codes=f"{usage:.0%}")
 
-        if step % config["eval_interval"] == 0 or step == config["max_steps"]:
+        if master and (step % config["eval_interval"] == 0 or step == config["max_steps"]):
             metrics, (x0, x0_hat) = evaluate(model, lpips, val_set, config, device, dtype)
             grid = save_image_grid(torch.cat([x0, x0_hat]), os.path.join(out_dir, f"recon_{step:06d}.png"), len(x0))
             append_log(log_path, dict(step=step, time=round(time.time() - started, 1), **logs, **metrics))
             save()
-            tqdm.write(f"step {step}: val L1 {metrics['val_l1']:.4f}, PSNR {metrics['val_psnr']:.2f} dB, "
-                       f"LPIPS {metrics['val_lpips']:.4f}, codes used {metrics['val_usage']:.1%}, "
+            quality = (f"pixel accuracy {metrics['val_accuracy']:.2%}" if "val_accuracy" in metrics else
+                       f"val L1 {metrics['val_l1']:.4f}, PSNR {metrics['val_psnr']:.2f} dB, LPIPS {metrics['val_lpips']:.4f}")
+            tqdm.write(f"step {step}: {quality}, codes used {metrics['val_usage']:.1%}, "
                        f"perplexity {metrics['val_perplexity']:.1f}; wrote {grid} and {ckpt_path}")
             if config["dead_code_restart"]:
                 tqdm.write(f"dead-code restarts so far: {restarts}")
@@ -919,6 +1178,8 @@ def train(config):
                 tqdm.write(f"wrote {histogram}")
             code_counts.zero_()
     bar.close()
+    if ddp:
+        dist.destroy_process_group()
     return model
 
 

@@ -1,0 +1,354 @@
+"""
+Measure taming-mini's speed and memory on this machine, and compare with the official
+implementation (CompVis/taming-transformers) where ../shared/reference/baselines.md measured it.
+
+    python bench.py                          # --config=shapes: the built-in data's models + the official rows
+    python bench.py --config=tiny            # seconds: a smoke test of every measurement
+    python bench.py --config=paper           # the paper's VQGAN (256x256) and GPT (24 x 1024) at batch 1
+    python bench.py --config=paper --batch_size=2 --json=out/bench_paper_b2.json
+
+Every row runs in a fresh child process, so its peak memory is its own: on CUDA
+torch.cuda.max_memory_allocated, on the CPU the child's peak resident set (VmHWM: the whole
+process, Python and torch included, as the official figures were measured). Times are the median
+of `iters` timed repetitions after `warmup` untimed ones. Prints one table; --json=PATH writes it.
+"""
+
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import redirect_stdout
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Hyperparameters, each overridable as --name=value (see --help)
+CONFIG = dict(
+    config="shapes",          # tiny (a smoke test) | shapes (the built-in data's models + the official rows) | paper
+    batch_size=1,             # batch of the paper rows (VQGAN images, GPT sequences); the others use baselines.md's
+    device="auto",            # auto = cuda, then cpu (MPS is not measured)
+    dtype="auto",             # auto = bf16 autocast on CUDA (fp16 without bf16), fp32 on the CPU; or float32
+    threads=0,                # torch.set_num_threads in each child; 0 = torch's default (OMP_NUM_THREADS or the cores)
+    warmup=1,                 # untimed repetitions before timing (first-call allocations, autotuning)
+    iters=3,                  # timed repetitions; the median is reported
+    uncached_tokens=32,       # sampling without the KV cache costs O(n^2): time only its first tokens
+    grad_checkpointing=False, # recompute blocks in backward (the 12 GB measurements)
+    compile=False,            # torch.compile the trained models (needs a C++ compiler; long first step)
+    peak_tflops=0.0,          # the device's peak TFLOP/s for MFU; 0 = known GPUs only (A100, H100), none on CPUs
+    json="",                  # also write the rows to this file
+)
+
+# The models measured. *_OFFICIAL are baselines.md's configurations, so those rows compare directly.
+VQGAN_TINY = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=8, embed_dim=4,
+                  n_codes=16, disc_ndf=8, disc_layers=2)
+VQGAN_SHAPES = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=64,
+                    embed_dim=8, n_codes=256, disc_ndf=32, disc_layers=3)  # train_vqgan.py's defaults
+VQGAN_OFFICIAL = dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=64,
+                      embed_dim=64, n_codes=256, disc_ndf=64, disc_layers=3)
+VQGAN_PAPER = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), z_channels=256,
+                   embed_dim=256, n_codes=1024, disc_ndf=64, disc_layers=3)
+GPT_TINY = dict(n_layer=2, n_head=2, n_embd=32, n_codes=64)
+GPT_SHAPES = dict(n_layer=4, n_head=4, n_embd=128, n_codes=256)     # train_gpt.py's defaults (8x8 grids)
+GPT_OFFICIAL = dict(n_layer=8, n_head=8, n_embd=512, n_codes=1024)  # 26.4M parameters, block 257
+GPT_PAPER = dict(n_layer=24, n_head=16, n_embd=1024, n_codes=1024)  # the faces/depth transformer, block 512
+
+
+def rows_for(config_name, b):
+    """(label, measurement, its arguments, official figure or None) for one --config."""
+    def vq(label, model, size, batch, lpips, after, official=None):
+        return (label, "vqgan_step", dict(model=model, image_size=size, batch_size=batch, lpips=lpips, after=after), official)
+
+    nearest = [(f"nearest code, K={k}, {how}", "nearest_code", dict(n_codes=k, how=how),
+                dict(official={1024: 11.0, 16384: 261.0}[k], unit="ms") if how == "ours" else None)
+               for k in (1024, 16384) for how in ("ours", "cdist")]
+    if config_name == "tiny":
+        return [vq("VQGAN tiny 16x16 b8, LPIPS, before disc_start", VQGAN_TINY, 16, 8, True, False),
+                vq("VQGAN tiny 16x16 b8, LPIPS, after disc_start", VQGAN_TINY, 16, 8, True, True),
+                ("GPT tiny train, b16 x 256 tokens", "gpt_train", dict(model=GPT_TINY, batch_size=16, grid=16), None),
+                ("GPT tiny sampling 16x16 b16", "gpt_sample", dict(model=GPT_TINY, batch_size=16, grid=16), None),
+                ("GPT tiny sliding window 32x32 b4", "sliding", dict(model=GPT_TINY, batch_size=4, grid=32, window=16), None),
+                ] + nearest
+    if config_name == "shapes":
+        off = lambda s: dict(official=s, unit="s")
+        return [vq("VQGAN shapes 32x32 b16, LPIPS, before disc_start", VQGAN_SHAPES, 32, 16, True, False),
+                vq("VQGAN shapes 32x32 b16, LPIPS, after disc_start", VQGAN_SHAPES, 32, 16, True, True),
+                vq("VQGAN official-32 b32, no LPIPS, before disc_start", VQGAN_OFFICIAL, 32, 32, False, False, off(1.22)),
+                vq("VQGAN official-32 b32, no LPIPS, after disc_start", VQGAN_OFFICIAL, 32, 32, False, True, off(1.23)),
+                vq("VQGAN official-32 b32, LPIPS, after disc_start", VQGAN_OFFICIAL, 32, 32, True, True, off(1.92)),
+                ("GPT shapes train, b64 x 64 tokens", "gpt_train", dict(model=GPT_SHAPES, batch_size=64, grid=8), None),
+                ("GPT official-26M train, b16 x 256 tokens", "gpt_train", dict(model=GPT_OFFICIAL, batch_size=16, grid=16),
+                 dict(official=1295.0, unit="tok/s")),
+                ("GPT official-26M sampling 16x16 b16", "gpt_sample", dict(model=GPT_OFFICIAL, batch_size=16, grid=16),
+                 dict(official=294.0, unit="tok/s")),
+                ("GPT shapes sliding window 32x32 (8x8 window) b4", "sliding",
+                 dict(model=GPT_SHAPES, batch_size=4, grid=32, window=8), None),
+                ] + nearest
+    if config_name == "paper":
+        official = {1: 11.3, 2: 26.3}.get(b)
+        return [vq(f"VQGAN paper 256x256 b{b}, LPIPS, before disc_start", VQGAN_PAPER, 256, b, True, False),
+                vq(f"VQGAN paper 256x256 b{b}, LPIPS, after disc_start", VQGAN_PAPER, 256, b, True, True,
+                   dict(official=official, unit="s") if official else None),
+                (f"GPT paper-size (24 x 1024) train, b{b} x 512 tokens", "gpt_train",
+                 dict(model=GPT_PAPER, batch_size=b, grid=None, seq_len=511), None)]
+    raise SystemExit(f"error: --config={config_name} is not one of tiny, shapes, paper")
+
+
+# -----------------------------------------------------------------------------
+# Measurements. Each runs in its own child process and returns a dict of figures.
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with open("/proc/self/status") as f:  # VmHWM: the peak resident set of this (child) process
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def timed(fn, device, warmup, iters):
+    """Median seconds of fn() over iters runs after warmup runs."""
+    times = []
+    for i in range(warmup + iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def vqgan_step(env, model, image_size, batch_size, lpips, after):
+    """One full training step of train_vqgan.py: G step (L1 + LPIPS + VQ, + lambda * GAN after
+    disc_start), then the D step after disc_start. Returns images/s, s/step, peak memory."""
+    import train_vqgan
+    from lpips_lite import LPIPS
+    from vqgan import VQGAN, Discriminator
+    device, dtype = env["device"], env["dtype"]
+    d_args = dict(ndf=model["disc_ndf"], n_layers=model["disc_layers"])
+    vq = VQGAN(resolution=image_size, **{k: v for k, v in model.items() if not k.startswith("disc_")}).to(device)
+    disc = Discriminator(**d_args).to(device)
+    vq.encoder.grad_checkpointing = vq.decoder.grad_checkpointing = env["grad_checkpointing"]
+    with redirect_stdout(None):  # LPIPS's notice about its 1x1 weights, once per child
+        lp = LPIPS(pretrained=env["lpips_pretrained"]).to(device) if lpips else None
+    if device.type == "cuda":
+        vq.to(memory_format=torch.channels_last)
+        disc.to(memory_format=torch.channels_last)
+    opt_g = torch.optim.Adam(vq.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    wrap = dict(compile=env["compile"])
+    train_vq, train_disc = (train_vqgan.wrap_for_training(m, wrap, False, device) for m in (vq, disc))
+    config = dict(perceptual_weight=1.0 if lpips else 0.0, disc_start=0 if after else 10**9, disc_weight=0.8)
+    x = torch.rand(batch_size, 3, image_size, image_size, device=device) * 2 - 1
+    step = lambda: train_vqgan.train_step(train_vq, train_disc, lp, opt_g, opt_d, scaler, x, 0, config, device, dtype)
+    seconds = timed(step, device, env["warmup"], env["iters"])
+    return dict(value=batch_size / seconds, unit="img/s", seconds=seconds, memory_mb=peak_memory_mb(device))
+
+
+def gpt_flops_per_token(model_args, seq_len, n_params):
+    # forward + backward: 6 FLOPs per parameter per token, plus attention's 12 * layers * width * T
+    # (the estimate of the PaLM paper's appendix B, as in nanoGPT)
+    return 6 * n_params + 12 * model_args["n_layer"] * model_args["n_embd"] * seq_len
+
+
+def gpt_train(env, model, batch_size, grid, seq_len=None):
+    """One AdamW step of train_gpt.py's loss on random tokens. Returns tokens/s, memory, MFU."""
+    from gpt import GPT, gpt_loss
+    import train_vqgan
+    device, dtype = env["device"], env["dtype"]
+    seq_len = seq_len or grid * grid  # image tokens per sequence; +1 start token, -1 shifted target
+    gpt = GPT(block_size=seq_len + 1, **model).to(device)  # + the start token, as train_gpt.py
+    gpt.grad_checkpointing = env["grad_checkpointing"]
+    opt = gpt.configure_optimizer(1e-4)
+    train_model = train_vqgan.wrap_for_training(gpt, dict(compile=env["compile"]), False, device)
+    seq = torch.randint(0, model["n_codes"], (batch_size, seq_len + 1), device=device)
+    seq[:, 0] = model["n_codes"]  # the start token
+
+    def step():
+        with train_vqgan.autocast(device, dtype):
+            loss = gpt_loss(train_model(seq[:, :-1]), seq, n_cond=1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    seconds = timed(step, device, env["warmup"], env["iters"])
+    tokens_per_s = batch_size * seq_len / seconds
+    n_params = sum(p.numel() for p in gpt.parameters())
+    out = dict(value=tokens_per_s, unit="tok/s", seconds=seconds, memory_mb=peak_memory_mb(device),
+               params_m=n_params / 1e6)
+    if env["peak_flops"]:
+        out["mfu"] = gpt_flops_per_token(model, seq_len, n_params) * tokens_per_s / env["peak_flops"]
+    return out
+
+
+def gpt_sample(env, model, batch_size, grid):
+    """Sample a grid x grid token grid with the KV cache, and the first uncached_tokens of it
+    without (O(n^2)); the two must give the same tokens for the same seed."""
+    from gpt import GPT
+    device, n = env["device"], grid * grid
+    gpt = GPT(block_size=n + 1, **model).to(device).eval()
+    cond = torch.full((batch_size, 1), model["n_codes"], device=device)
+
+    def sample(n_new, use_cache):
+        g = torch.Generator(device=device).manual_seed(0)
+        return gpt.generate(cond, n_new, top_k=100, generator=g, use_cache=use_cache)
+
+    out = {}
+    seconds = timed(lambda: out.update(cached=sample(n, True)), device, 0, 1)
+    m = min(env["uncached_tokens"], n)
+    seconds_uncached = timed(lambda: out.update(uncached=sample(m, False)), device, 0, 1)
+    same = bool(torch.equal(out["cached"][:, :m], out["uncached"]))
+    return dict(value=batch_size * n / seconds, unit="tok/s", seconds=seconds, memory_mb=peak_memory_mb(device),
+                uncached_tok_s=batch_size * m / seconds_uncached, uncached_tokens=m, same_tokens=same)
+
+
+def sliding(env, model, batch_size, grid, window):
+    """Sliding-window sampling (Sec. 3.2) of a grid x grid token grid with a window x window model."""
+    from gpt import GPT, sample_sliding_window
+    device = env["device"]
+    gpt = GPT(block_size=window * window + 1, **model).to(device).eval()
+    cond = torch.full((batch_size, 1), model["n_codes"], device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    seconds = timed(lambda: sample_sliding_window(gpt, cond, grid, grid, window, window, top_k=100, generator=g),
+                    device, 0, 1)
+    return dict(value=batch_size * grid * grid / seconds, unit="tok/s", seconds=seconds, memory_mb=peak_memory_mb(device))
+
+
+def nearest_code_search(env, n_codes, how):
+    """Eq. (2) at the paper's latent size z (8, 256, 16, 16): our one-matmul nearest_code, or the
+    naive torch.cdist. Returns ms and the memory the search adds over its inputs."""
+    from vqgan import nearest_code
+    device = env["device"]
+    torch.manual_seed(0)
+    z = torch.randn(8 * 16 * 16, 256, device=device)
+    codebook = torch.randn(n_codes, 256, device=device)
+    search = (lambda: nearest_code(z, codebook)) if how == "ours" else (lambda: torch.cdist(z, codebook).argmin(1))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM to the current resident set
+            f.write("5")
+        before = peak_memory_mb(device)
+    seconds = timed(search, device, env["warmup"], max(env["iters"], 5))
+    return dict(value=seconds * 1e3, unit="ms", seconds=seconds, memory_mb=peak_memory_mb(device) - before,
+                memory_is_extra=True)
+
+
+MEASUREMENTS = dict(vqgan_step=vqgan_step, gpt_train=gpt_train, gpt_sample=gpt_sample, sliding=sliding,
+                    nearest_code=nearest_code_search)
+
+
+def run_in_child(env, name, kwargs):
+    """The body of a child process: set it up like the parent said, run one measurement."""
+    if env["threads"]:
+        torch.set_num_threads(env["threads"])
+    env = dict(env, device=torch.device(env["device"]), dtype=getattr(torch, env["dtype"]) if env["dtype"] else None)
+    torch.manual_seed(0)
+    return MEASUREMENTS[name](env, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# The parent: decide the device, run every row in a fresh process, print the table
+
+
+def lpips_weights_cached():
+    # Look for torchvision's VGG16 file in the hub cache instead of trying (and waiting for) a download.
+    from torchvision.models import VGG16_Weights
+    name = os.path.basename(VGG16_Weights.IMAGENET1K_V1.url)
+    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", name))
+
+
+def known_peak_flops(device, dtype, given_tflops):
+    if given_tflops > 0:
+        return given_tflops * 1e12
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    bf16 = {"A100": 312e12, "H100": 989e12}  # dense bf16/fp16 tensor-core peaks (H100 SXM)
+    peak = next((v for k, v in bf16.items() if k in name), 0.0)
+    return peak if dtype is not None else 0.0  # fp32 peaks are another story: no MFU
+
+
+def format_row(label, r, official):
+    value = f"{r['value']:.{1 if r['value'] >= 10 else 3}f} {r['unit']}"
+    extra = ""
+    if r["unit"] == "img/s":
+        extra = f"{r['seconds']:.3f} s/step"
+    if "same_tokens" in r:
+        extra = (f"uncached {r['uncached_tok_s']:.1f} tok/s (first {r['uncached_tokens']} tokens); "
+                 f"same tokens: {'yes' if r['same_tokens'] else 'NO'}")
+    if "mfu" in r:
+        extra = f"MFU {r['mfu']:.1%}"
+    if "params_m" in r:
+        extra = (extra + "; " if extra else "") + f"{r['params_m']:.2f}M params"
+    memory = f"{'+' if r.get('memory_is_extra') else ''}{r['memory_mb']:.0f} MB"
+    off, ratio = "", ""
+    if official:
+        # ratio > 1 means faster than the official code
+        if official["unit"] == "s":
+            off, ratio = f"{official['official']:.2f} s/step", official["official"] / r["seconds"]
+        elif official["unit"] == "ms":
+            off, ratio = f"{official['official']:.0f} ms", official["official"] / r["value"]
+        else:
+            off, ratio = f"{official['official']:.0f} {official['unit']}", r["value"] / official["official"]
+        ratio = f"{ratio:.2f}x"
+    return [label, value, memory, off, ratio, extra]
+
+
+def main(argv):
+    from train_vqgan import parse_overrides, pick_device, pick_dtype
+    config = dict(CONFIG, **parse_overrides(CONFIG, argv, __file__))
+    if config["batch_size"] < 1 or config["iters"] < 1 or config["warmup"] < 0 or config["uncached_tokens"] < 1:
+        raise SystemExit("error: --batch_size, --iters and --uncached_tokens must be >= 1, --warmup >= 0")
+    device = pick_device(config["device"])
+    if device.type == "mps":
+        raise SystemExit("error: bench.py measures CUDA or the CPU (use --device=cpu)")
+    dtype = pick_dtype(config["dtype"], device)
+    rows = rows_for(config["config"], config["batch_size"])
+    lpips_pretrained = lpips_weights_cached()
+    env = dict(device=str(device), dtype=str(dtype).replace("torch.", "") if dtype else "",
+               lpips_pretrained=lpips_pretrained, peak_flops=known_peak_flops(device, dtype, config["peak_tflops"]),
+               **{k: config[k] for k in ("threads", "warmup", "iters", "uncached_tokens", "grad_checkpointing", "compile")})
+    threads = config["threads"] or torch.get_num_threads()
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"bench.py --config={config['config']}: {what}, torch {torch.__version__}, "
+          f"{env['dtype'] or 'float32'}, {threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')}")
+    if not lpips_pretrained:
+        print("note: torchvision's VGG16 weights are not cached here (offline), so LPIPS uses random VGG "
+              "features: the same cost as the real LPIPS, not the same loss")
+    print("note: official = CompVis/taming-transformers on a 2-vCPU Xeon, fp32, 2 threads, quiet machine "
+          "(baselines.md); ratio > 1 = faster than official")
+
+    # One fresh process per row, started from a clean fork server (which never touches CUDA), so
+    # each row's peak memory is its own and no row inherits another's allocations.
+    ctx = multiprocessing.get_context("forkserver")
+    results, table = [], []
+    for label, name, kwargs, official in rows:
+        with ProcessPoolExecutor(1, mp_context=ctx) as child:
+            r = child.submit(run_in_child, env, name, kwargs).result()
+        results.append(dict(label=label, measurement=name, args=kwargs, official=official, **r))
+        table.append(format_row(label, r, official))
+        print(f"  measured: {label}", file=sys.stderr)
+    header = ["what", "ours", "peak memory", "official", "ratio", "notes"]
+    widths = [max(len(str(row[i])) for row in table + [header]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths]] + table:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    print("peak memory: CUDA max_memory_allocated; CPU the child process's peak resident set (VmHWM), "
+          "+ = added by the search alone")
+    if config["json"]:
+        os.makedirs(os.path.dirname(config["json"]) or ".", exist_ok=True)
+        with open(config["json"], "w") as f:
+            json.dump(dict(config=config, machine=what, torch=torch.__version__, threads=threads,
+                           date=time.strftime("%Y-%m-%d %H:%M"), lpips_pretrained=lpips_pretrained, rows=results),
+                      f, indent=1, default=str)
+        print(f"wrote {config['json']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
