@@ -15,6 +15,7 @@ checkpoints, data), so the data path stays one straight line: train_vqgan -> tra
 """
 
 import csv
+import math
 import os
 import random
 import sys
@@ -1165,8 +1166,9 @@ def train(config):
             grid = save_image_grid(torch.cat([x0, x0_hat]), os.path.join(out_dir, f"recon_{step:06d}.png"), len(x0))
             append_log(log_path, dict(step=step, time=round(time.time() - started, 1), **logs, **metrics))
             save()
+            lpips_text = "" if math.isnan(metrics.get("val_lpips", math.nan)) else f", LPIPS {metrics['val_lpips']:.4f}"
             quality = (f"pixel accuracy {metrics['val_accuracy']:.2%}" if "val_accuracy" in metrics else
-                       f"val L1 {metrics['val_l1']:.4f}, PSNR {metrics['val_psnr']:.2f} dB, LPIPS {metrics['val_lpips']:.4f}")
+                       f"val L1 {metrics['val_l1']:.4f}, PSNR {metrics['val_psnr']:.2f} dB{lpips_text}")
             tqdm.write(f"step {step}: {quality}, codes used {metrics['val_usage']:.1%}, "
                        f"perplexity {metrics['val_perplexity']:.1f}; wrote {grid} and {ckpt_path}")
             if config["dead_code_restart"]:
