@@ -8,6 +8,7 @@ then decode it with the VQGAN in one pass.
     python sample.py --width=96                        # wider than trained: the sliding window
     python sample.py --complete=photo.png              # keep the top half, sample the rest
     python sample.py --gpt_ckpt=out/gpt_spatial/ckpt.pt --cond=scene   # spatial GPT: shapes where a map puts them
+    python sample.py --gpt_ckpt=OFFICIAL_DEPTH.ckpt --cond=depth.png     # the official depth-to-image transformer
     python sample.py --animate=out/generation.gif      # also a GIF of the grid filling in, token by token
     python sample.py --reconstruct=photo.png --vqgan_ckpt=last.ckpt
                                                        # image | tokens | reconstruction, PSNR (own or official VQGAN)
@@ -61,7 +62,8 @@ CONFIG = dict(
     seed=0,
     # spatial conditioning (issue 5): models trained with train_gpt.py --conditional=spatial
     cond="",                      # a semantic-map PNG (class id per pixel) or, for lowres models, an image at the output
-                                  # size; 'scene' = draw shapes on a --height x --width canvas (default 3x the training width)
+                                  # size; 'scene' = draw shapes on a --height x --width canvas (default 3x the training width);
+                                  # official depth-to-image transformers: a grayscale depth PNG
     cond_vqgan_ckpt="",           # '' = the condition VQGAN the GPT was trained with
     # watch it generate (issue 8)
     animate="",                   # a .gif path: also write the decoded grid every few tokens (first 4 samples;
@@ -79,22 +81,40 @@ EVAL_BATCH_SIZE = 32  # images per forward pass while evaluating (memory only; t
 
 def load_official_transformer(ckpt, config):
     """An official Net2NetTransformer checkpoint -> its GPT, its first-stage VQGAN, and the
-    facts sample() needs (which our own checkpoints store)."""
+    facts sample() needs (which our own checkpoints store). A depth-to-image transformer also
+    holds its condition VQGAN (cond_stage_model.*), which comes back among those facts."""
     path, n_classes = config["gpt_ckpt"], config["official_classes"]
     sd = official_state_dict(ckpt, path)
-    first_stage = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
-    if "cond_stage_model.encoder.conv_in.weight" in sd:  # a condition VQGAN: depth-to-image and the like
-        raise SystemExit(f"error: {path} is a spatially conditioned transformer (it holds a cond_stage_model VQGAN), "
-                         f"which sample.py cannot sample yet (gpt.load_official_gpt(sd, cond='spatial', n_classes=K) "
-                         f"converts its transformer)")
+
+    def stage(prefix):
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
     try:
+        vqgan, _ = load_official_vqgan(stage("first_stage_model."))
+        if "cond_stage_model.encoder.conv_in.weight" in sd:  # a condition VQGAN: depth-to-image
+            cond_vqgan, _ = load_official_vqgan(stage("cond_stage_model."))
+            model = load_official_gpt(sd, cond="spatial", n_classes=cond_vqgan.n_codes, n_head=config["n_head"])
+            return model, vqgan, official_depth_facts(path, model, vqgan, cond_vqgan)
         model = load_official_gpt(sd, cond="class" if n_classes else "sos", n_classes=n_classes, n_head=config["n_head"])
-        vqgan, _ = load_official_vqgan(first_stage)
     except ValueError as e:
         raise SystemExit(f"error: {path}: {e}") from None
     side = 256 // vqgan.downsample_factor  # every official transformer was trained on 256x256 crops
     return model, vqgan, dict(grid_hw=[side, side], conditional="class" if n_classes else "none",
                               class_names=[str(c) for c in range(n_classes)], image_size=256)
+
+
+def official_depth_facts(path, model, vqgan, cond_vqgan):
+    """What sample_spatial needs to know about an official depth-to-image transformer. The
+    trained grid is not stored, but the block held [r, s] for two equal grids (both VQGANs f16
+    on 256x256 crops: 16x16 each), so block_size >= len(r) + len(s) - 1 = 2 side^2 - 1."""
+    channels = cond_vqgan.config["in_channels"]
+    if channels != 1 or cond_vqgan.downsample_factor != vqgan.downsample_factor:
+        raise SystemExit(f"error: {path}: its condition VQGAN reads {channels} channels with f="
+                         f"{cond_vqgan.downsample_factor} (image VQGAN f={vqgan.downsample_factor}); sample.py samples "
+                         f"official transformers conditioned on depth maps (1 channel, the same f)")
+    side = math.isqrt((model.block_size + 1) // 2)
+    return dict(conditional="spatial", grid_hw=[side, side], image_size=side * vqgan.downsample_factor,
+                cond_config=dict(condition="depth"), cond_vqgan=cond_vqgan)
 
 
 def load_models(config, device):
@@ -258,6 +278,11 @@ def foreground_agreement(images, semantic):
 
 def load_cond_vqgan(gpt_ckpt, config, device):
     """The condition VQGAN of a spatial GPT (the one it was trained with unless --cond_vqgan_ckpt)."""
+    if "cond_vqgan" in gpt_ckpt:  # an official transformer: the file holds its condition VQGAN
+        if config["cond_vqgan_ckpt"]:
+            raise SystemExit("error: --cond_vqgan_ckpt is for this project's spatial GPTs; an official transformer "
+                             "brings its own condition VQGAN (drop the flag)")
+        return gpt_ckpt["cond_vqgan"].to(device).eval()
     path = config["cond_vqgan_ckpt"] or gpt_ckpt["cond_vqgan_ckpt"]
     ckpt = load_checkpoint(path, "vqgan")
     kind, n_codes = gpt_ckpt["cond_config"]["condition"], gpt_ckpt["model_config"]["n_cond_tokens"]
@@ -269,8 +294,13 @@ def load_cond_vqgan(gpt_ckpt, config, device):
 
 def read_condition(gpt_ckpt, config):
     """--cond -> (images (B, 3, H, W) or None, semantic maps (B, H, W) or None): 'scene' draws
-    num_samples scenes (maps and their pictures); a file gives one label map or one image."""
+    num_samples scenes (maps and their pictures); a file gives one label map or one image (a
+    depth map: one channel, (1, 1, H, W) in [-1, 1])."""
     cond_config, name, cell = gpt_ckpt["cond_config"], config["cond"], gpt_ckpt["image_size"]
+    depth = cond_config["condition"] == "depth"
+    if name == "scene" and depth:
+        raise SystemExit("error: --cond=scene draws shapes for this project's spatial GPTs; a depth-to-image "
+                         "transformer needs a depth map: --cond=DEPTH.png (grayscale)")
     if name == "scene":
         height, width = config["height"] or cell, config["width"] or 3 * cell
         scenes = [draw_scene(height, width, cell, seed=config["seed"] + i) for i in range(config["num_samples"])]
@@ -281,7 +311,9 @@ def read_condition(gpt_ckpt, config):
     if cond_config["condition"] == "semantic":
         return None, torch.from_numpy(read_label_map(name, cond_config["cond_classes"])).long()[None]
     try:
-        return TF.to_tensor(open_rgb(name))[None] * 2 - 1, None
+        image = open_rgb(name)
+        # a depth map: RGB -> luminance (a grayscale file comes back unchanged)
+        return TF.to_tensor(image.convert("L") if depth else image)[None] * 2 - 1, None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for unreadable files
         raise SystemExit(f"error: --cond={name} could not be read as an image ({e})") from None
 
@@ -364,9 +396,9 @@ def sample_spatial(model, vqgan, gpt_ckpt, config, device):
         agreement = foreground_agreement(samples.cpu().clamp(-1, 1), semantic.expand(n, -1, -1))
         print(f"foreground/background agreement with the map: {agreement.mean().item():.3f} "
               f"(per sample: {', '.join(f'{a:.2f}' for a in agreement.tolist())})")
-    pictures = show_condition(x, cond_config).expand(n, -1, -1, -1)
-    columns = [pictures, samples] if cond_config["condition"] == "semantic" else \
-        [images.to(device).expand(n, -1, -1, -1), samples, pictures]
+    pictures = show_condition(x, cond_config).expand(n, 3, -1, -1)  # 3: a depth map's one channel shown as grey
+    columns = [images.to(device).expand(n, -1, -1, -1), samples, pictures] if cond_config["condition"] == "lowres" \
+        else [pictures, samples]
     return torch.stack(columns, 1).flatten(0, 1), len(columns)
 
 
@@ -383,7 +415,7 @@ def sample(config):
         kind = "unconditional" if gpt_ckpt["conditional"] == "none" else f"{gpt_ckpt['conditional']}-conditional"
         raise SystemExit(f"error: --cond is for spatially conditioned GPTs, and this one is {kind} (drop --cond)"
                          if config["cond"] else f"error: this GPT is conditioned on {gpt_ckpt['cond_config']['condition']} "
-                         f"maps: give --cond=FILE or --cond=scene")
+                         f"maps: give --cond=FILE" + ("" if "cond_vqgan" in gpt_ckpt else " or --cond=scene"))
     if spatial and config["complete"]:
         raise SystemExit("error: --complete is for unconditional and class-conditional GPTs (use --cond with this one)")
     if config["animate"] and (config["complete"] or not config["animate"].lower().endswith(".gif")):

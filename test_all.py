@@ -2121,11 +2121,11 @@ def test_load_official_depth_to_image_transformer(tmp_path):
         theirs_logits = official(torch.cat([r.flatten(1), s], 1))
         our_logits = ours(torch.cat([spatial_cond_tokens(ours, r).flatten(1), s], 1))
     torch.testing.assert_close(our_logits, theirs_logits)
-    # sample.py does not sample such a file yet, and says so instead of ignoring its condition
+    # a condition VQGAN reading 3 channels is not a depth model: sample.py says so instead of guessing
     layout = official_transformer_layout(official, vqgan)
     layout["state_dict"].update({"cond_stage_model." + k: v for k, v in vqgan.state_dict().items()})
     torch.save(layout, tmp_path / "depth.ckpt")
-    with pytest.raises(SystemExit, match="is a spatially conditioned transformer"):
+    with pytest.raises(SystemExit, match="its condition VQGAN reads 3 channels"):
         sample.sample(dict(sample.CONFIG, gpt_ckpt=str(tmp_path / "depth.ckpt"), n_head=2, device="cpu"))
 
 
@@ -2348,6 +2348,53 @@ def test_sample_fid_compares_gpt_samples_with_validation_images(tiny_runs, tmp_p
     with pytest.raises(SystemExit, match="at least 2"):
         sample.sample_fid(dict(sample.CONFIG, gpt_ckpt=str(root / "gpt" / "ckpt.pt"), num_samples=1, device="cpu"))
 
+
+
+# =============================================================================
+# Issue 4 (last piece): sampling from the official depth-to-image transformer
+
+
+def test_sample_from_an_official_depth_to_image_transformer(tmp_path):
+    torch.manual_seed(0)
+    # the official model: [r, s] of two 4x4 grids through one table (block 2 * 16 - 1 = 31), a
+    # first stage with 16 codes and a 1-channel depth VQGAN with 8, both f = 2
+    # (large weights, as in tiny_gpt(std=...): with the 0.02 init the samples barely depend on r)
+    official = tiny_gpt(16, 31, n_cond_tokens=0, std=0.5)
+    with torch.no_grad():
+        official.pos_emb.normal_()
+    vqgan, depth_vqgan = tiny_vqgan().eval(), tiny_vqgan(in_channels=1, n_codes=8).eval()
+    layout = official_transformer_layout(official, vqgan)
+    layout["state_dict"].update({"cond_stage_model." + k: v for k, v in depth_vqgan.state_dict().items()})
+    ckpt = str(tmp_path / "depth.ckpt")
+    torch.save(layout, ckpt)
+    depth = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)  # H x W = the trained 4x4 grid
+    Image.fromarray(depth).save(tmp_path / "depth.png")
+    Image.fromarray(np.stack([depth] * 3, -1)).save(tmp_path / "depth_rgb.png")  # grey RGB: the same luminance
+    base = dict(sample.CONFIG, gpt_ckpt=ckpt, n_head=2, num_samples=2, device="cpu", seed=5)
+    out = sample.sample(dict(base, cond=str(tmp_path / "depth.png"), out=str(tmp_path / "a.png")))
+    picture = np.array(Image.open(out))
+    assert picture.shape == (2 + 2 * 10, 2 + 2 * 10, 3)  # 2 rows (samples) of [depth | sample], 8x8 + 2 px padding
+    # column 1 is the depth map in grey; column 2 is what a hand loop over the converted GPT samples
+    assert (picture[2:10, 2:10] == depth[..., None]).all()
+    model = load_official_gpt(layout, cond="spatial", n_classes=8, n_head=2).eval()
+    x = torch.from_numpy(depth).float()[None, None] / 255 * 2 - 1
+    with torch.no_grad():
+        r = depth_vqgan.encode(x)[1].expand(2, -1, -1)
+        tokens = model.generate(spatial_cond_tokens(model, r).flatten(1), 16,
+                                generator=torch.Generator().manual_seed(5)).view(2, 4, 4)
+        expected = ((vqgan.decode_indices(tokens).clamp(-1, 1) + 1) / 2 * 255).permute(0, 2, 3, 1).numpy()
+    got = np.stack([picture[2:10, 12:20], picture[12:20, 12:20]]).astype(float)
+    assert np.abs(got - expected).max() <= 1.0  # rounding to 8 bits
+    rgb = sample.sample(dict(base, cond=str(tmp_path / "depth_rgb.png"), out=str(tmp_path / "b.png")))
+    assert (np.array(Image.open(rgb)) == picture).all()
+    # one-line errors: a size the VQGANs cannot split into tokens, the built-in shapes, no condition
+    Image.fromarray(depth[:, :7]).save(tmp_path / "odd.png")
+    for flags, words in [(dict(cond=str(tmp_path / "odd.png")), "condition is 7x8 pixels; both sides must be multiples of 2"),
+                         (dict(cond="scene"), "needs a depth map: --cond=DEPTH.png"),
+                         (dict(cond=""), "conditioned on depth maps: give --cond=FILE$")]:
+        with pytest.raises(SystemExit, match=words) as e:
+            sample.sample(dict(base, **flags))
+        assert "\n" not in str(e.value)
 
 if __name__ == "__main__":
     sys.exit(course_kit(sys.argv[1:]))
