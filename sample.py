@@ -306,8 +306,9 @@ def read_condition(gpt_ckpt, config):
         scenes = [draw_scene(height, width, cell, seed=config["seed"] + i) for i in range(config["num_samples"])]
         return torch.stack([s[0] for s in scenes]), torch.stack([s[1] for s in scenes])
     if not os.path.isfile(name):
-        raise SystemExit(f"error: --cond={name}: no such file (give a {'label PNG' if cond_config['condition'] == 'semantic' else 'image'}, "
-                         f"or --cond=scene)")
+        wanted = "a depth PNG" if depth else "a label PNG, or --cond=scene" if cond_config["condition"] == "semantic" \
+            else "an image, or --cond=scene"
+        raise SystemExit(f"error: --cond={name}: no such file (give {wanted})")
     if cond_config["condition"] == "semantic":
         return None, torch.from_numpy(read_label_map(name, cond_config["cond_classes"])).long()[None]
     try:

@@ -2391,7 +2391,9 @@ def test_sample_from_an_official_depth_to_image_transformer(tmp_path):
     Image.fromarray(depth[:, :7]).save(tmp_path / "odd.png")
     for flags, words in [(dict(cond=str(tmp_path / "odd.png")), "condition is 7x8 pixels; both sides must be multiples of 2"),
                          (dict(cond="scene"), "needs a depth map: --cond=DEPTH.png"),
-                         (dict(cond=""), "conditioned on depth maps: give --cond=FILE$")]:
+                         (dict(cond=""), "conditioned on depth maps: give --cond=FILE$"),
+                         (dict(cond=str(tmp_path / "none.png")), r"no such file \(give a depth PNG\)"),
+                         (dict(cond=str(tmp_path / "depth.png"), cond_vqgan_ckpt=ckpt), "brings its own condition VQGAN")]:
         with pytest.raises(SystemExit, match=words) as e:
             sample.sample(dict(base, **flags))
         assert "\n" not in str(e.value)
