@@ -145,6 +145,8 @@ def vqgan_step(env, model, image_size, batch_size, lpips, after):
     train_vq, train_disc = (train_vqgan.wrap_for_training(m, wrap, False, device) for m in (vq, disc))
     config = dict(perceptual_weight=1.0 if lpips else 0.0, disc_start=0 if after else 10**9, disc_weight=0.8)
     x = torch.rand(batch_size, 3, image_size, image_size, device=device) * 2 - 1
+    if device.type == "cuda":  # the layout train_vqgan.py feeds the channels-last models
+        x = x.to(memory_format=torch.channels_last)
     step = lambda: train_vqgan.train_step(train_vq, train_disc, lp, opt_g, opt_d, scaler, x, 0, config, device, dtype)
     seconds = timed(step, device, env["warmup"], env["iters"])
     return dict(value=batch_size / seconds, unit="img/s", seconds=seconds, memory_mb=peak_memory_mb(device))

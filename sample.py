@@ -36,7 +36,7 @@ from tqdm import tqdm
 from gpt import GPT, cond_tokens, load_official_gpt, sample_sliding_window, spatial_cond_tokens
 from lpips_lite import LPIPS, MIN_SIZE, WeightsUnavailable
 from train_vqgan import (_first_line, _palette_tensor, build_inception, check_kind, condition_input, draw_scene, evaluate,
-                         fid, image_transform, inception_features, load_checkpoint, load_checkpoint_file, make_datasets,
+                         fid, image_transform, inception_features, input_size, load_checkpoint, load_checkpoint_file, make_datasets,
                          official_state_dict, open_rgb, parse_overrides, pick_device, pick_dtype, psnr, read_label_map,
                          save_image_grid, show_condition, vqgan_from_checkpoint)
 from vqgan import load_official_vqgan
@@ -490,9 +490,10 @@ def evaluate_vqgan(config):
     device = pick_device(config["device"])
     vqgan, trained_size = load_any_vqgan(config["vqgan_ckpt"])
     settings = eval_data_settings(config, config["vqgan_ckpt"], trained_size)
-    if settings["image_size"] % vqgan.downsample_factor:
-        raise SystemExit(f"error: --image_size={settings['image_size']} is not a multiple of the VQGAN's "
-                         f"f={vqgan.downsample_factor}")
+    size = input_size(settings)  # what the VQGAN sees (a low-resolution condition VQGAN: downsampled images)
+    if size % vqgan.downsample_factor:
+        raise SystemExit(f"error: --image_size={settings['image_size']} gives {size}x{size} inputs, not a multiple "
+                         f"of the VQGAN's f={vqgan.downsample_factor}")
     if settings.get("condition") == "semantic":
         raise SystemExit(f"error: {config['vqgan_ckpt']} is a semantic-map VQGAN: --eval measures images "
                          f"(its pixel accuracy is in its log.csv)")
@@ -500,13 +501,12 @@ def evaluate_vqgan(config):
     torch.manual_seed(config["seed"])  # fixes the random networks of --pretrained=false
     random_note = "" if config["pretrained"] else "; random weights: compare only with other --pretrained=false runs"
     lpips, lpips_note = metric_network(lambda: LPIPS(pretrained=config["pretrained"]).to(device), "VGG16")
-    if settings["image_size"] < MIN_SIZE:
+    if size < MIN_SIZE:
         lpips, lpips_note = None, f"unavailable: needs images of at least {MIN_SIZE}x{MIN_SIZE} pixels"
     inception, fid_note = metric_network(lambda: build_inception(config["pretrained"]).to(device), "Inception-v3")
     eval_config = dict(settings, condition=settings.get("condition", ""), eval_images=len(val_set),
                        batch_size=EVAL_BATCH_SIZE, num_workers=0)
     m, _ = evaluate(vqgan.to(device), lpips, val_set, eval_config, device, pick_dtype("auto", device), inception)
-    size = settings["image_size"]
     print(f"{config['vqgan_ckpt']} on {len(val_set)} validation images of {settings['data']} ({size}x{size}):")
     print(f"  L1         {m['val_l1']:.4f}")
     print(f"  PSNR       {m['val_psnr']:.2f} dB")

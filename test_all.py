@@ -10,6 +10,7 @@ Course kit (see EXERCISES below):
 
 import ast
 import copy
+import csv
 import functools
 import os
 import re
@@ -1846,6 +1847,22 @@ def test_fixed_lambda_experiment_replaces_eq7_by_disc_weight():
     assert logs["lam"] > 0 and logs["lam"] != pytest.approx(0.3)  # Eq. (7) times 0.3
     logs = train_vqgan.generator_step(model, disc, None, x, 0, dict(config, adaptive_lambda=False))[3]
     assert logs["lam"] == pytest.approx(0.3)
+
+
+def test_kmeans_init_fits_the_codebook_to_what_a_condition_vqgan_encodes(tmp_path):
+    # semantic: one-hot maps (4 channels), lowres: images downsampled 2x; the codes must start on
+    # the encoder outputs of those inputs (a crash, or codes fitted to the full images, before)
+    for condition, extra in (("semantic", dict(cond_classes=4)), ("lowres", dict(lowres_factor=2))):
+        torch.manual_seed(0)
+        config = tiny_train_config(tmp_path / condition, condition=condition, kmeans_init=True, max_steps=1,
+                                   eval_interval=1, disc_start=10, **extra)
+        model = train_vqgan.train(config)
+        assert model.config["in_channels"] == (4 if condition == "semantic" else 3)
+        torch.manual_seed(0)
+        train_vqgan.train(dict(config, kmeans_init=False, out_dir=str(tmp_path / f"{condition}_plain")))
+        with_kmeans, plain = (float(next(csv.DictReader(open(tmp_path / run / "log.csv")))["val_usage"])
+                              for run in (condition, f"{condition}_plain"))
+        assert with_kmeans >= 0.75 and with_kmeans > plain, (condition, with_kmeans, plain)
 
 
 # =============================================================================

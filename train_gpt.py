@@ -279,9 +279,11 @@ def train(config):
     cond_vqgan, cond_config = load_cond_vqgan(config["cond_vqgan_ckpt"], data_config, device) if spatial else (None, None)
     if ddp and not master:
         dist.barrier()  # let rank 0 encode and write the token cache first, then read it
-    cache = load_token_cache(config, vqgan, data_config, device, cond_vqgan, cond_config)
-    if ddp and master:
-        dist.barrier()
+    try:
+        cache = load_token_cache(config, vqgan, data_config, device, cond_vqgan, cond_config)
+    finally:  # also when rank 0 stops with an error: the others must not wait for it forever
+        if ddp and master:
+            dist.barrier()
     train_tokens, train_labels = cache["train_tokens"], cache["train_labels"]
     val_tokens, val_labels = cache["val_tokens"], cache["val_labels"]
     if spatial:  # from here on a spatial model's "labels" are its condition grids r, one per image

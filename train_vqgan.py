@@ -833,11 +833,14 @@ def step_batches(dataset, batch_size, seed, start_step, num_workers, rank=0, wor
     per_epoch = len(sampler) // batch_size
 
     def indices():
-        step = start_step
+        step, epoch, order = start_step, None, None
         while True:
-            epoch, k = divmod(step, per_epoch)
-            sampler.set_epoch(epoch)  # reseed: a new shuffle every epoch, the same one in every process
-            yield from list(sampler)[k * batch_size:(k + 1) * batch_size]
+            if step // per_epoch != epoch:
+                epoch = step // per_epoch
+                sampler.set_epoch(epoch)  # reseed: a new shuffle every epoch, the same one in every process
+                order = list(sampler)
+            k = step % per_epoch
+            yield from order[k * batch_size:(k + 1) * batch_size]
             step += 1
 
     return iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices(),
@@ -1057,13 +1060,14 @@ KMEANS_POINTS_PER_CODE = 10  # --kmeans_init: encoder outputs gathered per code 
 def kmeans_init_codebook(model, train_set, config, device, dtype):
     """--kmeans_init: the codebook from k-means on the encoder outputs of the first training
     batches (the ones step 0, 1, ... will train on), in the lookup space."""
-    tokens_per_batch = config["batch_size"] * (config["image_size"] // model.downsample_factor) ** 2
+    tokens_per_batch = config["batch_size"] * (input_size(config) // model.downsample_factor) ** 2
     n_batches = -(-KMEANS_POINTS_PER_CODE * model.n_codes // tokens_per_batch)  # ceil
     batches = step_batches(train_set, config["batch_size"], config["seed"], 0, config["num_workers"])
     z_e = []
     for _ in tqdm(range(n_batches), desc="k-means init", leave=False):
         with autocast(device, dtype):
-            z_e.append(model.quant_conv(model.encoder(next(batches)[0].to(device))).float())
+            x = condition_input(next(batches), config).to(device)  # what training feeds the encoder
+            z_e.append(model.quant_conv(model.encoder(x)).float())
     init_codebook_with_kmeans(model.quantize, torch.cat(z_e))
 
 
@@ -1176,7 +1180,7 @@ def train(config):
             if step == config["max_steps"]:
                 first = step - (step - 1) % config["eval_interval"]  # first step these counts cover
                 histogram = save_usage_histogram(code_counts.cpu(), os.path.join(out_dir, "code_usage.png"),
-                                                 f"training steps {first}-{step}")
+                                                 f"training steps {first}-{step}" + (", rank 0's batches" if ddp else ""))
                 tqdm.write(f"wrote {histogram}")
             code_counts.zero_()
     bar.close()
