@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from gpt import GPT, cond_tokens, corrupt_tokens, gpt_loss, spatial_cond_tokens
 from train_vqgan import (SHAPE_NAMES, append_log, autocast, condition_input, config_to_resume, load_checkpoint,
-                         make_datasets, parse_overrides, pick_dtype, save_checkpoint, save_image_grid, setup_ddp,
-                         show_condition, unwrap, vqgan_from_checkpoint, wrap_for_training)
+                         make_datasets, parse_overrides, save_checkpoint, save_image_grid, show_condition, start_run,
+                         unwrap, vqgan_from_checkpoint, wrap_for_training)
 
 # -----------------------------------------------------------------------------
 # Hyperparameters, each overridable as --name=value. The defaults train on the built-in shapes
@@ -268,10 +268,8 @@ def resolve_config(overrides):
 
 
 def train(config):
-    ddp, rank, world_size, device = setup_ddp(config["device"])
+    ddp, rank, world_size, device, dtype = start_run(config)
     master = rank == 0  # only this process writes checkpoints, images and logs
-    dtype = pick_dtype(config["dtype"], device)
-    torch.manual_seed(config["seed"])
     vq_ckpt = load_checkpoint(config["vqgan_ckpt"], "vqgan")
     vqgan = vqgan_from_checkpoint(vq_ckpt).to(device).eval().requires_grad_(False)
     data_config = dict(vq_ckpt["config"], **({"data": config["data"]} if config["data"] else {}))

@@ -1090,11 +1090,17 @@ def save_usage_histogram(counts, path, what, width=512, height=160):
     return path
 
 
-def train(config):
+def start_run(config):
+    """What both training scripts start with: this process's place in a torchrun job (or a single
+    process), its device and dtype, and the seed."""
     ddp, rank, world_size, device = setup_ddp(config["device"])
-    master = rank == 0  # only this process writes checkpoints, images and logs
-    dtype = pick_dtype(config["dtype"], device)
     torch.manual_seed(config["seed"])
+    return ddp, rank, world_size, device, pick_dtype(config["dtype"], device)
+
+
+def train(config):
+    ddp, rank, world_size, device, dtype = start_run(config)
+    master = rank == 0  # only this process writes checkpoints, images and logs
     train_set, val_set = make_datasets(config["data"], config["image_size"], config["val_fraction"],
                                        config["seed"], data_root=config["data_root"], cond_data=config["cond_data"],
                                        cond_classes=config["cond_classes"])
