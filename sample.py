@@ -60,15 +60,15 @@ CONFIG = dict(
     out="out/samples.png",        # where the PNG grid goes
     device="auto",                # auto = cuda, then mps, then cpu
     seed=0,
-    # spatial conditioning (issue 5): models trained with train_gpt.py --conditional=spatial
+    # spatial conditioning: models trained with train_gpt.py --conditional=spatial
     cond="",                      # a semantic-map PNG (class id per pixel) or, for lowres models, an image at the output
                                   # size; 'scene' = draw shapes on a --height x --width canvas (default 3x the training width);
                                   # official depth-to-image transformers: a grayscale depth PNG
     cond_vqgan_ckpt="",           # '' = the condition VQGAN the GPT was trained with
-    # watch it generate (issue 8)
+    # watch it generate
     animate="",                   # a .gif path: also write the decoded grid every few tokens (first 4 samples;
                                   # a red outline shows the window when it slides)
-    # evaluation (issue 6): a VQGAN's reconstructions, a GPT's samples
+    # evaluation: a VQGAN's reconstructions, a GPT's samples
     eval=False,                   # True: --vqgan_ckpt on validation images: L1, PSNR, SSIM, LPIPS, codes used, perplexity, FID
     sample_fid=False,             # True: FID of --num_samples GPT samples against --eval_images validation images
     data="",                      # --eval / --sample_fid: '' = the VQGAN's training data (its validation split), or a folder, ...

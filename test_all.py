@@ -1650,7 +1650,7 @@ def test_sample_from_an_official_transformer_checkpoint(tmp_path, capsys):
 
 
 # =============================================================================
-# Issue 7: speed, memory and scale (torchrun / DDP, gradient checkpointing, bench.py)
+# speed, memory and scale (torchrun / DDP, gradient checkpointing, bench.py)
 
 
 def _ddp_worker(rank, world_size, ports, vqgan_config, gpt_config, out):
@@ -1900,7 +1900,7 @@ def test_course_kit_lists_and_refuses_unknown_exercises(capsys):
 
 
 # =============================================================================
-# Issue 5: spatial conditioning (Eq. (10) with a condition VQGAN): semantic maps to images
+# spatial conditioning (Eq. (10) with a condition VQGAN): semantic maps to images
 
 from gpt import spatial_cond_tokens  # noqa: E402 - this section's own imports
 from vqgan import semantic_rec_loss  # noqa: E402
@@ -2147,7 +2147,7 @@ def test_load_official_depth_to_image_transformer(tmp_path):
 
 
 # =============================================================================
-# Issue 6: codebook health (low-dimensional and l2-normalised codes, k-means init, dead-code
+# codebook health (low-dimensional and l2-normalised codes, k-means init, dead-code
 # restarts) and evaluation (SSIM, FID, sample.py --eval / --sample_fid)
 
 from train_vqgan import fid, frechet_distance, ssim  # noqa: E402
@@ -2368,7 +2368,7 @@ def test_sample_fid_compares_gpt_samples_with_validation_images(tiny_runs, tmp_p
 
 
 # =============================================================================
-# Issue 4 (last piece): sampling from the official depth-to-image transformer
+# sampling from the official depth-to-image transformer
 
 
 def test_sample_from_an_official_depth_to_image_transformer(tmp_path):

@@ -56,10 +56,10 @@ CONFIG = dict(
     dtype="auto",             # auto = bf16 autocast on CUDA (fp16 + GradScaler without bf16), fp32 elsewhere
     seed=0,
     resume=False,             # continue from out_dir/ckpt.pt exactly where it stopped
-    # speed and memory (issue 7); under torchrun batch_size is per process
+    # speed and memory; under torchrun batch_size is per process
     compile=False,            # wrap the model in torch.compile (slow first steps, faster after; needs a C++ compiler)
     grad_checkpointing=False, # recompute each transformer block in backward instead of storing its activations
-    # spatial conditioning (issue 5): --conditional=spatial learns p(s | r), r = a condition VQGAN's index grid
+    # spatial conditioning: --conditional=spatial learns p(s | r), r = a condition VQGAN's index grid
     cond_vqgan_ckpt="",       # conditional=spatial: the condition VQGAN (train_vqgan.py --condition=semantic|lowres)
 )
 

@@ -56,7 +56,7 @@ CONFIG = dict(
     embed_dim=8,              # n_z: dimension of each codebook vector (small: codes are used more evenly)
     n_codes=256,              # K: codebook size = the GPT's vocabulary of image tokens
     beta=0.25,                # commitment weight of Eq. (4)
-    # codebook health (issue 6): later fixes for unused codes; all off = the paper's quantizer
+    # codebook health: later fixes for unused codes; all off = the paper's quantizer
     code_dim=0,               # 0 = look codes up in the embed_dim space (paper); D > 0 = 1x1 projections to D dims and back
     l2_codes=False,           # l2-normalise encoder output and codes before the lookup (cosine similarity, ViT-VQGAN)
     kmeans_init=False,        # initialise the codebook with k-means on the first batches' encoder outputs
@@ -85,10 +85,10 @@ CONFIG = dict(
     dtype="auto",             # auto = bf16 autocast on CUDA (fp16 + GradScaler without bf16), fp32 elsewhere
     seed=0,
     resume=False,             # continue from out_dir/ckpt.pt exactly where it stopped
-    # speed and memory (issue 7); under torchrun batch_size is per process
+    # speed and memory; under torchrun batch_size is per process
     compile=False,            # wrap the models in torch.compile (slow first steps, faster after; needs a C++ compiler)
     grad_checkpointing=False, # recompute encoder/decoder blocks in backward instead of storing their activations
-    # spatial conditioning (issue 5): a condition VQGAN, whose index grid the spatial GPT is conditioned on
+    # spatial conditioning: a condition VQGAN, whose index grid the spatial GPT is conditioned on
     condition="",             # '' = the image VQGAN; 'semantic' = one-hot semantic maps in, per-pixel class logits
                               # out, cross-entropy + VQ loss (no L1/LPIPS/GAN); 'lowres' = images downsampled
                               # by lowres_factor, the usual losses
@@ -1014,7 +1014,7 @@ def check_config(c):
 
 
 def check_condition(c):
-    """The spatial-conditioning flags (issue 5); fills in cond_classes for the built-in shapes."""
+    """The spatial-conditioning flags; fills in cond_classes for the built-in shapes."""
     if c["condition"] not in ("", "semantic", "lowres"):
         raise SystemExit(f"error: --condition={c['condition']} is not one of semantic, lowres ('' = the image VQGAN)")
     folder = c["data"] != "shapes" and c["data"] not in TORCHVISION_DATA
