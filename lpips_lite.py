@@ -39,7 +39,6 @@ class WeightsUnavailable(RuntimeError):
     could not be downloaded."""
 
 
-LPIPSWeightsUnavailable = WeightsUnavailable  # the name this error had when LPIPS was its only user
 
 
 # -----------------------------------------------------------------------------

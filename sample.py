@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from gpt import GPT, cond_tokens, load_official_gpt, sample_sliding_window, spatial_cond_tokens
 from lpips_lite import LPIPS, MIN_SIZE, WeightsUnavailable
-from train_vqgan import (_first_line, _palette_tensor, build_inception, check_kind, condition_input, draw_scene, evaluate,
+from train_vqgan import (first_line, palette_tensor, build_inception, check_kind, condition_input, draw_scene, evaluate,
                          fid, image_transform, inception_features, input_size, load_checkpoint, load_checkpoint_file, make_datasets,
                          official_state_dict, open_rgb, parse_overrides, pick_device, pick_dtype, psnr, read_label_map,
                          save_image_grid, show_condition, vqgan_from_checkpoint)
@@ -265,7 +265,7 @@ def foreground_agreement(images, semantic):
     pixel agrees when it has the background colour exactly where the map says background: a
     foreground pixel must have any other colour. (A map without background has no background
     colour, so there every pixel agrees.)"""
-    palette = _palette_tensor()  # (8, 3)
+    palette = palette_tensor()  # (8, 3)
     pixels = images.permute(0, 2, 3, 1).reshape(len(images), -1, 3).float()
     colour = torch.cdist(pixels, palette.expand(len(images), -1, -1)).argmin(-1)  # (B, H*W)
     background = semantic.reshape(len(images), -1) == 0
@@ -477,7 +477,7 @@ def metric_network(build, what):
     try:
         return build(), None
     except WeightsUnavailable as e:
-        reason = _first_line(e.__cause__ or e)
+        reason = first_line(e.__cause__ or e)
         return None, (f"unavailable: torchvision's {what} weights are not cached and cannot be downloaded ({reason}); "
                       f"connect once, or use --pretrained=false (random weights)")
 

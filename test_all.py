@@ -35,7 +35,7 @@ import train_gpt
 import train_vqgan
 from gpt import (GPT, KVCache, cond_tokens, corrupt_tokens, gpt_loss, load_official_gpt, sample_logits, sample_sliding_window,
                  top_k_filter, top_p_filter, window_start)
-from lpips_lite import LPIPS, LPIPSWeightsUnavailable
+from lpips_lite import LPIPS, WeightsUnavailable
 from train_vqgan import (PALETTE, SHAPE_NAMES, ImageFileDataset, ShapesDataset, TorchvisionImages,
                          discriminator_step, find_images, make_datasets, save_image_grid, split_files)
 from vqgan import (PAPER_CONFIG, VQGAN, Discriminator, VectorQuantizer, adaptive_weight, codebook_loss,
@@ -919,7 +919,7 @@ def test_lpips_pretrained_offline_fails_fast_with_ways_out(tmp_path, monkeypatch
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     timeout_before = socket.getdefaulttimeout()
-    with pytest.raises(LPIPSWeightsUnavailable) as info:
+    with pytest.raises(WeightsUnavailable) as info:
         LPIPS(pretrained=True)
     msg = str(info.value)
     assert "--perceptual_weight=0" in msg and "--lpips_pretrained=false" in msg

@@ -33,7 +33,7 @@ import torchvision.transforms as T
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from lpips_lite import LPIPS, LPIPSWeightsUnavailable, download_imagenet_weights
+from lpips_lite import LPIPS, WeightsUnavailable, download_imagenet_weights
 from vqgan import (VQGAN, Discriminator, PAPER_CONFIG, adaptive_weight, codebook_usage, hinge_d_loss,
                    hinge_g_loss, init_codebook_with_kmeans, restart_dead_codes, semantic_rec_loss, usage_from_counts)
 
@@ -302,7 +302,7 @@ def _last_line(e):
     return (lines or [type(e).__name__])[-1][:200]
 
 
-def _first_line(e):
+def first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
@@ -359,7 +359,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 DATA_HELP = "give a folder of images, or --data=shapes for the built-in data"
 
 
-def _palette_tensor():
+def palette_tensor():
     return torch.tensor(PALETTE, dtype=torch.float32) / 127.5 - 1.0  # uint8 0..255 -> [-1, 1]
 
 
@@ -391,7 +391,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.num_items, self.image_size, self.seed = num_items, image_size, seed
         centres = np.arange(image_size) + 0.5
         self.ys, self.xs = np.meshgrid(centres, centres, indexing="ij")
-        self.colours = _palette_tensor()
+        self.colours = palette_tensor()
         self.random_flip, self.num_classes = False, NUM_SHAPE_CLASSES  # read by train_gpt.py
 
     def __len__(self):
@@ -422,7 +422,7 @@ def draw_scene(height, width, cell, seed=0):
     Pixels outside the last whole cell are background."""
     rng = np.random.default_rng([seed, height, width])
     ys, xs = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
-    colours = _palette_tensor()
+    colours = palette_tensor()
     background = int(rng.integers(len(PALETTE)))
     image = colours[background][:, None, None].repeat(1, height, width)
     semantic = torch.zeros(height, width, dtype=torch.long)
@@ -468,7 +468,7 @@ def condition_input(batch, config):
 def colourise(semantic):
     """Semantic maps long (B, H, W) -> RGB (B, 3, H, W) in [-1, 1] a person can look at:
     class k gets palette colour k (0 = background black, 1 white, 2 red, ...)."""
-    return _palette_tensor()[semantic % len(PALETTE)].permute(0, 3, 1, 2)
+    return palette_tensor()[semantic % len(PALETTE)].permute(0, 3, 1, 2)
 
 
 def show_condition(x, config):
@@ -490,7 +490,7 @@ def read_label_map(path, n_classes):
             img.load()
             mode, labels = img.mode, np.array(img)
     except Exception as e:  # noqa: BLE001 - PIL raises many types for unreadable files
-        raise SystemExit(f"error: {path} could not be read as a label PNG ({_first_line(e)})") from None
+        raise SystemExit(f"error: {path} could not be read as a label PNG ({first_line(e)})") from None
     if mode not in ("L", "P"):
         raise SystemExit(f"error: {path} is a mode-{mode} image; a label map has one channel of class ids (mode L or P)")
     if int(labels.max()) >= n_classes:
@@ -850,7 +850,7 @@ def step_batches(dataset, batch_size, seed, start_step, num_workers, rank=0, wor
 def build_lpips(config, device):
     try:
         return LPIPS(pretrained=config["lpips_pretrained"], lin_weights=config["lpips_weights"] or None).to(device)
-    except (LPIPSWeightsUnavailable, ValueError, FileNotFoundError) as e:
+    except (WeightsUnavailable, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
 
@@ -1137,7 +1137,9 @@ def train(config):
         if master:
             print(f"resuming from {ckpt_path} at step {step}")
     elif config["kmeans_init"]:
-        kmeans_init_codebook(model, train_set, config, device, dtype)  # rank 0's codebook on every rank
+        # Under torchrun every rank runs it (seconds, and it keeps the ranks' random streams in step);
+        # wrapping the model in DDP below then copies rank 0's codebook to all of them.
+        kmeans_init_codebook(model, train_set, config, device, dtype)
     os.makedirs(out_dir, exist_ok=True)
     # steps since each code was last chosen (--dead_code_restart), and code counts since the last
     # evaluation (the usage histogram); code_age is checkpointed so --resume stays exact

@@ -358,12 +358,8 @@ def init_codebook_with_kmeans(quantizer, z_e, generator=None):
 
     A randomly initialised codebook sits wherever the init put it, mostly away from the encoder's
     outputs; centroids of real outputs start every code where inputs are. With l2_codes the points
-    are unit vectors and the lookup normalises the centroids again (spherical k-means, nearly).
-    Under torch.distributed, rank 0's codebook is broadcast so every rank starts the same."""
-    codes = kmeans(quantizer.to_lookup_space(z_e), quantizer.n_codes, generator=generator)
-    if distributed():
-        torch.distributed.broadcast(codes, src=0)
-    quantizer.embedding.weight.copy_(codes)
+    are unit vectors and the lookup normalises the centroids again (spherical k-means, nearly)."""
+    quantizer.embedding.weight.copy_(kmeans(quantizer.to_lookup_space(z_e), quantizer.n_codes, generator=generator))
 
 
 @torch.no_grad()
