@@ -138,12 +138,12 @@ def vqgan_step(env, model, image_size, batch_size, lpips, after):
     if device.type == "cuda":
         vq.to(memory_format=torch.channels_last)
         disc.to(memory_format=torch.channels_last)
-    opt_g = torch.optim.Adam(vq.parameters(), lr=1e-4, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    opt_g, opt_d = train_vqgan.adam(vq.parameters(), 1e-4, device), train_vqgan.adam(disc.parameters(), 1e-4, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     wrap = dict(compile=env["compile"])
     train_vq, train_disc = (train_vqgan.wrap_for_training(m, wrap, False, device) for m in (vq, disc))
-    config = dict(perceptual_weight=1.0 if lpips else 0.0, disc_start=0 if after else 10**9, disc_weight=0.8)
+    config = dict(perceptual_weight=1.0 if lpips else 0.0, disc_start=0 if after else 10**9, disc_weight=0.8,
+                  lr=1e-4, lr_schedule="constant")
     x = torch.rand(batch_size, 3, image_size, image_size, device=device) * 2 - 1
     if device.type == "cuda":  # the layout train_vqgan.py feeds the channels-last models
         x = x.to(memory_format=torch.channels_last)

@@ -168,7 +168,9 @@ class GPT(nn.Module):
         no_decay = [p for p in self.parameters() if id(p) not in decay_ids]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+        # fused: one kernel for all parameters instead of a Python loop over them (MPS keeps the loop)
+        fused = self.head.weight.device.type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
     @torch.no_grad()
     def generate(self, idx, n_new, temperature=1.0, top_k=None, top_p=None, greedy=False,

@@ -12,6 +12,7 @@ import ast
 import copy
 import csv
 import functools
+import math
 import os
 import re
 import shutil
@@ -304,9 +305,10 @@ def test_vqgan_shapes_and_decode_indices():
 
 def test_discriminator_gets_no_gradient_from_the_generator_step(tmp_path):
     torch.manual_seed(0)
-    config = tiny_train_config(tmp_path, disc_start=0)
+    # lr 0 for both (train_step sets the optimisers' lr from the config): the weights stay put, so
+    # the gradients left behind can be recomputed and compared
+    config = tiny_train_config(tmp_path, disc_start=0, lr=0.0, lr_schedule="constant")
     model, disc = tiny_vqgan(), Discriminator(ndf=8, n_layers=2)
-    # lr 0 for both: the weights stay put, so the gradients left behind can be recomputed and compared
     opt_g, opt_d = torch.optim.SGD(model.parameters(), lr=0.0), torch.optim.SGD(disc.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     x = torch.rand(4, 3, 16, 16) * 2 - 1
@@ -350,7 +352,7 @@ def test_discriminator_step_does_not_reach_the_generator():
 
 def test_a_few_training_steps_reduce_the_loss():
     torch.manual_seed(0)
-    config = tiny_train_config("unused", disc_start=10**9)
+    config = tiny_train_config("unused", disc_start=10**9, lr=2e-3, max_steps=80)
     model, disc = tiny_vqgan(), Discriminator(ndf=8, n_layers=2)
     opt_g = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=2e-3, betas=(0.5, 0.9))
@@ -362,6 +364,9 @@ def test_a_few_training_steps_reduce_the_loss():
                                          torch.device("cpu"), None)
         first = first if first is not None else logs["rec"]
     assert logs["rec"] < 0.6 * first
+    # the step follows the cosine schedule: lr at step 39 of 80, for G and D alike
+    expected = 2e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * 39 / 80)))
+    assert [g["lr"] for g in opt_g.param_groups + opt_d.param_groups] == pytest.approx([expected, expected])
 
 
 def test_psnr_by_hand():
@@ -370,9 +375,25 @@ def test_psnr_by_hand():
     assert torch.allclose(train_vqgan.psnr(x, x + 0.2), torch.tensor([20.0, 20.0]), atol=1e-4)
 
 
-def test_checkpoint_resume_gives_the_same_next_steps(tmp_path):
+def train_until_interrupted(config, steps, monkeypatch):
+    """Run train_vqgan.train(config) as if Ctrl-C came after `steps` steps: the same max_steps, so
+    the same learning-rate schedule, as the resumed run will have."""
+    real_step, done = train_vqgan.train_step, []
+
+    def step(*args):
+        if len(done) == steps:
+            raise KeyboardInterrupt
+        done.append(1)
+        return real_step(*args)
+    monkeypatch.setattr(train_vqgan, "train_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        train_vqgan.train(config)
+    monkeypatch.undo()
+
+
+def test_checkpoint_resume_gives_the_same_next_steps(tmp_path, monkeypatch):
     full = train_vqgan.train(tiny_train_config(tmp_path / "full", max_steps=4))
-    train_vqgan.train(tiny_train_config(tmp_path / "split", max_steps=2))
+    train_until_interrupted(tiny_train_config(tmp_path / "split", max_steps=4), 2, monkeypatch)  # saved at step 2
     resumed = train_vqgan.train(tiny_train_config(tmp_path / "split", max_steps=4, resume=True))
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
@@ -1373,6 +1394,11 @@ def test_gpt_learning_rate_schedule():
     assert train_gpt.lr_at(9, config) == pytest.approx(1.0)
     assert train_gpt.lr_at(60, config) == pytest.approx(0.55)  # half-way down the cosine: 0.1 + 0.9 / 2
     assert train_gpt.lr_at(110, config) == pytest.approx(0.1)
+    # the VQGAN's: no warm-up by default, so the cosine starts at step 0; the paper preset keeps lr fixed
+    vq = dict(train_vqgan.CONFIG, lr=1.0, max_steps=100)
+    assert [train_vqgan.lr_at(s, vq) for s in (0, 50, 100)] == pytest.approx([1.0, 0.55, 0.1])
+    paper = train_vqgan.resolve_config(dict(preset="paper", lr=1.0, max_steps=100))
+    assert [train_vqgan.lr_at(s, paper) for s in (0, 50, 100)] == [1.0, 1.0, 1.0]
 
 
 def test_sample_end_to_end_and_sliding_window(tiny_runs):
@@ -2296,10 +2322,11 @@ def test_frechet_distance_of_gaussians_matches_the_closed_form():
     assert fid(f, f) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_training_with_the_codebook_options_resumes_exactly_and_draws_the_usage_histogram(tmp_path, capsys):
+def test_training_with_the_codebook_options_resumes_exactly_and_draws_the_usage_histogram(tmp_path, capsys,
+                                                                                         monkeypatch):
     options = dict(code_dim=3, l2_codes=True, kmeans_init=True, dead_code_restart=1, disc_start=10)
     full = train_vqgan.train(tiny_train_config(tmp_path / "full", **options))
-    train_vqgan.train(tiny_train_config(tmp_path / "split", max_steps=2, **options))
+    train_until_interrupted(tiny_train_config(tmp_path / "split", **options), 2, monkeypatch)
     resumed = train_vqgan.train(tiny_train_config(tmp_path / "split", resume=True, **options))
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from gpt import GPT, cond_tokens, corrupt_tokens, gpt_loss, spatial_cond_tokens
 from train_vqgan import (SHAPE_NAMES, append_log, autocast, condition_input, config_to_resume, load_checkpoint,
-                         make_datasets, parse_overrides, save_checkpoint, save_image_grid, show_condition, start_run,
+                         lr_at, make_datasets, parse_overrides, save_checkpoint, save_image_grid, show_condition, start_run,
                          unwrap, vqgan_from_checkpoint, wrap_for_training)
 
 # -----------------------------------------------------------------------------
@@ -144,14 +144,6 @@ def make_sequences(model, tokens, labels, conditional):
         return torch.cat([spatial_cond_tokens(model, labels).flatten(1), tokens.flatten(1)], dim=1)
     cond = cond_tokens(model, labels if conditional == "class" else None, tokens.size(0), tokens.device)
     return torch.cat([cond, tokens.flatten(1)], dim=1)
-
-
-def lr_at(step, config):
-    # Linear warm-up (Adam's early steps are noisy), then cosine decay to a tenth of the peak.
-    if step < config["warmup_steps"]:
-        return config["lr"] * (step + 1) / config["warmup_steps"]
-    progress = (step - config["warmup_steps"]) / max(1, config["max_steps"] - config["warmup_steps"])
-    return config["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def batch_at(tokens, labels, step, batch_size, seed):
