@@ -422,7 +422,8 @@ def test_bad_flags_give_one_clear_line():
             parse(*args)
         assert words in str(e.value) and "\n" not in str(e.value)
     for overrides, words in [(dict(image_size=30), "not a multiple"), (dict(batch_size=0), "must be positive"),
-                             (dict(preset="huge"), "preset"), (dict(val_fraction=1.5), "val_fraction")]:
+                             (dict(preset="huge"), "preset"), (dict(val_fraction=1.5), "val_fraction"),
+                             (dict(lr_schedule="linear"), "--lr_schedule=linear is unknown")]:
         with pytest.raises(SystemExit) as e:
             train_vqgan.resolve_config(overrides)
         assert words in str(e.value)

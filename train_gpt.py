@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from gpt import GPT, cond_tokens, corrupt_tokens, gpt_loss, spatial_cond_tokens
 from train_vqgan import (SHAPE_NAMES, append_log, autocast, condition_input, config_to_resume, load_checkpoint,
-                         lr_at, make_datasets, parse_overrides, save_checkpoint, save_image_grid, show_condition, start_run,
-                         unwrap, vqgan_from_checkpoint, wrap_for_training)
+                         lr_at, make_datasets, parse_overrides, save_checkpoint, save_image_grid, show_condition,
+                         start_run, unwrap, vqgan_from_checkpoint, wrap_for_training)
 
 # -----------------------------------------------------------------------------
 # Hyperparameters, each overridable as --name=value. The defaults train on the built-in shapes
