@@ -41,7 +41,7 @@ from train_vqgan import (PALETTE, SHAPE_NAMES, ImageFileDataset, ShapesDataset, 
                          discriminator_step, find_images, make_datasets, save_image_grid, split_files)
 from vqgan import (PAPER_CONFIG, VQGAN, Discriminator, VectorQuantizer, adaptive_weight, codebook_loss,
                    codebook_usage, commitment_loss, count_parameters, hinge_d_loss, hinge_g_loss, load_official_vqgan,
-                   nearest_code, straight_through, vqgan_config_from_state_dict)
+                   nearest_code, pixel_loss, straight_through, vqgan_config_from_state_dict)
 
 # The models here are tiny: a second thread buys nothing, and on a busy machine two threads that
 # wait on each other make the suite many times slower.
@@ -170,7 +170,7 @@ def tiny_vqgan(**kw):
 def tiny_train_config(out_dir, **kw):
     config = dict(train_vqgan.CONFIG, ch=8, ch_mult=(1, 2), attn_resolutions=(8,), z_channels=8, embed_dim=4,
                   n_codes=16, image_size=16, batch_size=4, max_steps=4, eval_interval=2, eval_images=8,
-                  disc_start=1, disc_ndf=8, disc_layers=2, device="cpu", out_dir=str(out_dir))
+                  disc_start=1, disc_ndf=8, disc_layers=2, warmup_steps=0, device="cpu", out_dir=str(out_dir))
     config.update(kw)
     return config
 
@@ -369,6 +369,23 @@ def test_a_few_training_steps_reduce_the_loss():
     assert [g["lr"] for g in opt_g.param_groups + opt_d.param_groups] == pytest.approx([expected, expected])
 
 
+def test_pixel_loss_by_hand_and_in_the_generator_step():
+    x, x_hat = torch.zeros(1, 1, 1, 3), torch.tensor([[[[0.5, -2.0, 0.0]]]])
+    assert pixel_loss(x, x_hat, "l2").flatten().tolist() == [0.25, 4.0, 0.0]  # Eq. (4): (x - x_hat)^2
+    assert pixel_loss(x, x_hat, "l1").flatten().tolist() == [0.5, 2.0, 0.0]   # official: |x - x_hat|
+    # the generator step's L_rec is the mean of the chosen one (no LPIPS, D not started)
+    torch.manual_seed(0)
+    model, disc = tiny_vqgan(), Discriminator(ndf=8, n_layers=2)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    for kind, expected in [("l2", lambda e: e.pow(2).mean()), ("l1", lambda e: e.abs().mean())]:
+        config = tiny_train_config("unused", disc_start=10**9, pixel_loss=kind)
+        _, x_hat, _, logs = train_vqgan.generator_step(model, disc, None, x, 0, config)
+        assert logs["rec"] == pytest.approx(expected(x - x_hat).item(), rel=1e-6)
+    # the shapes default optimises what PSNR measures; the paper preset keeps the official L1
+    assert train_vqgan.CONFIG["pixel_loss"] == "l2"
+    assert train_vqgan.resolve_config(dict(preset="paper"))["pixel_loss"] == "l1"
+
+
 def test_psnr_by_hand():
     x = torch.zeros(2, 3, 4, 4)
     # 0.2 on the [-1, 1] scale is 0.1 on [0, 1]: MSE 0.01 -> 20 dB
@@ -423,7 +440,9 @@ def test_bad_flags_give_one_clear_line():
         assert words in str(e.value) and "\n" not in str(e.value)
     for overrides, words in [(dict(image_size=30), "not a multiple"), (dict(batch_size=0), "must be positive"),
                              (dict(preset="huge"), "preset"), (dict(val_fraction=1.5), "val_fraction"),
-                             (dict(lr_schedule="linear"), "--lr_schedule=linear is unknown")]:
+                             (dict(lr_schedule="linear"), "--lr_schedule=linear is unknown"),
+                             (dict(pixel_loss="l3"), "--pixel_loss=l3 is unknown; use l2 or l1"),
+                             (dict(max_steps=50), "--warmup_steps=100 must be at least 0 and below --max_steps=50")]:
         with pytest.raises(SystemExit) as e:
             train_vqgan.resolve_config(overrides)
         assert words in str(e.value)
@@ -1395,8 +1414,11 @@ def test_gpt_learning_rate_schedule():
     assert train_gpt.lr_at(9, config) == pytest.approx(1.0)
     assert train_gpt.lr_at(60, config) == pytest.approx(0.55)  # half-way down the cosine: 0.1 + 0.9 / 2
     assert train_gpt.lr_at(110, config) == pytest.approx(0.1)
-    # the VQGAN's: no warm-up by default, so the cosine starts at step 0; the paper preset keeps lr fixed
-    vq = dict(train_vqgan.CONFIG, lr=1.0, max_steps=100)
+    # the VQGAN's: 100 warm-up steps by default (lr / 100 at step 0), the same cosine after them;
+    # without warm-up the cosine starts at step 0; the paper preset keeps lr fixed
+    vq = dict(train_vqgan.CONFIG, lr=1.0, max_steps=1100)
+    assert [train_vqgan.lr_at(s, vq) for s in (0, 99, 600, 1100)] == pytest.approx([0.01, 1.0, 0.55, 0.1])
+    vq = dict(vq, warmup_steps=0, max_steps=100)
     assert [train_vqgan.lr_at(s, vq) for s in (0, 50, 100)] == pytest.approx([1.0, 0.55, 0.1])
     paper = train_vqgan.resolve_config(dict(preset="paper", lr=1.0, max_steps=100))
     assert [train_vqgan.lr_at(s, paper) for s in (0, 50, 100)] == [1.0, 1.0, 1.0]

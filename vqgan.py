@@ -524,6 +524,21 @@ def hinge_g_loss(logits_fake):
     return -logits_fake.mean()
 
 
+def pixel_loss(x, x_hat, kind):
+    """The pixel term of L_rec, per pixel; the caller adds LPIPS per image and takes the mean.
+
+    'l2': (x - x_hat)^2, Eq. (4)'s L_rec as the paper writes it, ||x - x_hat||^2. Its mean is the
+    MSE that PSNR measures. Where the decoder cannot tell which side of an edge a pixel falls on,
+    L2 makes it predict the mean of the two colours, whose expected squared error is half that of
+    picking one of them.
+    'l1': |x - x_hat|, the official code's choice (next to LPIPS, which the paper puts in place
+    of L2): it predicts the median, one colour or the other, so edges are sharper and PSNR lower.
+    """
+    if kind == "l2":
+        return (x - x_hat).pow(2)
+    return (x - x_hat).abs()
+
+
 def semantic_rec_loss(logits, one_hot):
     """L_rec of a condition VQGAN for semantic maps: per-pixel cross-entropy between the decoder's
     class logits (B, C, H, W) and the one-hot input map (B, C, H, W), mean over pixels. It
