@@ -44,7 +44,7 @@ CONFIG = dict(
 # The models measured. *_OFFICIAL are baselines.md's configurations, so those rows compare directly.
 VQGAN_TINY = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=8, embed_dim=4,
                   n_codes=16, disc_ndf=8, disc_layers=2)
-VQGAN_SHAPES = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=64,
+VQGAN_SHAPES = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=64,
                     embed_dim=8, n_codes=256, disc_ndf=32, disc_layers=3)  # train_vqgan.py's defaults
 VQGAN_OFFICIAL = dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=64,
                       embed_dim=64, n_codes=256, disc_ndf=64, disc_layers=3)
