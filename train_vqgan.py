@@ -40,7 +40,7 @@ from vqgan import (VQGAN, Discriminator, PAPER_CONFIG, adaptive_weight, codebook
 
 # -----------------------------------------------------------------------------
 # Hyperparameters. Each can be overridden from the shell: --name=value. The defaults train on the
-# built-in shapes in about 5 minutes on a 2-core CPU (see README for the measured figures).
+# built-in shapes in under 6 minutes on a 2-core CPU (see README for the measured figures).
 CONFIG = dict(
     # data
     data="shapes",            # 'shapes' (built in, no download), a folder of images, or cifar10 / mnist / celeba
@@ -67,7 +67,7 @@ CONFIG = dict(
     pixel_loss="l2",          # pixel term of L_rec: 'l2' = (x - x_hat)^2, Eq. (4) as the paper writes it, and what
                               # PSNR measures (+0.9 dB on shapes); 'l1' = |x - x_hat|, the official code (paper preset)
     perceptual_weight=0.0,    # LPIPS weight in L_rec. Off for shapes: VGG16 weights are a download, and
-                              # on flat synthetic shapes L1 alone already gives sharp edges. 1.0 for photos.
+                              # on flat synthetic shapes the pixel loss alone already gives sharp edges. 1.0 for photos.
     lpips_pretrained=True,    # False: random VGG features (works offline, but a much weaker perceptual loss)
     lpips_weights="",         # path to an LPIPS vgg.pth with the learned 1x1 weights ('' = find or use ones)
     disc_start=1900,          # step at which the discriminator starts; before it, D neither trains nor runs
