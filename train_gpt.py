@@ -42,7 +42,7 @@ CONFIG = dict(
     # optimisation
     batch_size=64,            # sequences per step
     max_steps=2000,           # optimiser steps
-    lr=1e-3,                  # peak learning rate (small model, short run; the paper's big GPTs use 4.5e-6 x batch)
+    lr=2e-3,                  # peak learning rate (small model, short run; the paper's big GPTs use 4.5e-6 x batch)
     warmup_steps=100,         # linear warm-up, then cosine decay to lr / 10
     weight_decay=0.01,        # AdamW decay, on Linear weight matrices only (official)
     grad_clip=1.0,            # clip the global gradient norm (0 = off): keeps a rare bad batch from derailing it
