@@ -39,8 +39,6 @@ class WeightsUnavailable(RuntimeError):
     could not be downloaded."""
 
 
-
-
 # -----------------------------------------------------------------------------
 # building blocks
 
