@@ -277,7 +277,33 @@ def known_peak_flops(device, dtype, given_tflops):
     return peak if dtype is not None else 0.0  # fp32 peaks are another story: no MFU
 
 
-def format_row(label, r, official):
+def cpu_model_and_flags():
+    """(model name, set of flags) from /proc/cpuinfo; ("unknown", set()) where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first_cpu = f.read().split("\n\n")[0]  # one block per core; they agree on these fields
+    except OSError:  # not Linux
+        return "unknown", set()
+    fields = dict((k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in first_cpu.splitlines() if ":" in line))
+    return fields.get("model name", "unknown"), set(fields.get("flags", "").split())
+
+
+def baseline_mismatch(device, dtype, threads, cpu_model, cpu_flags):
+    """Why this run's ratios would compare two different machines, or "" when it is baselines.md's
+    kind: the official figures were taken on a 2-vCPU Xeon with AVX-512, fp32, 2 threads. The same
+    code runs 2-3x slower on an AVX2-only EPYC, so a ratio against another machine means nothing."""
+    if device.type != "cpu":
+        return f"this is {device.type}, the official figures are CPU ones"
+    if dtype is not None:
+        return f"this run is {str(dtype).replace('torch.', '')}, the official figures are fp32"
+    if threads != 2:
+        return f"this run uses {threads} threads, the official figures 2"
+    if "Xeon" not in cpu_model or "avx512f" not in cpu_flags:
+        return f"this CPU is {cpu_model}{'' if 'avx512f' in cpu_flags else ' without AVX-512'}, not a Xeon with AVX-512"
+    return ""
+
+
+def format_row(label, r, official, comparable=True):
     value = f"{r['value']:.{1 if r['value'] >= 10 else 3}f} {r['unit']}"
     extra = ""
     if r["unit"] == "img/s":
@@ -299,7 +325,7 @@ def format_row(label, r, official):
             off, ratio = f"{official['official']:.0f} ms", official["official"] / r["value"]
         else:
             off, ratio = f"{official['official']:.0f} {official['unit']}", r["value"] / official["official"]
-        ratio = f"{ratio:.2f}x"
+        ratio = f"{ratio:.2f}x" if comparable else "n/a: other machine"
     return [label, value, memory, off, ratio, extra]
 
 
@@ -318,7 +344,7 @@ def main(argv):
                lpips_pretrained=lpips_pretrained, peak_flops=known_peak_flops(device, dtype, config["peak_tflops"]),
                **{k: config[k] for k in ("threads", "warmup", "iters", "uncached_tokens", "grad_checkpointing", "compile")})
     threads = config["threads"] or torch.get_num_threads()
-    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model_and_flags()[0]}, {os.cpu_count()} cores"
     print(f"bench.py --config={config['config']}: {what}, torch {torch.__version__}, "
           f"{env['dtype'] or 'float32'}, {threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')}")
     if not lpips_pretrained:
@@ -326,6 +352,9 @@ def main(argv):
               "features: the same cost as the real LPIPS, not the same loss")
     print("note: official = CompVis/taming-transformers on a 2-vCPU Xeon, fp32, 2 threads, quiet machine "
           "(baselines.md); ratio > 1 = faster than official")
+    mismatch = baseline_mismatch(device, dtype, threads, *cpu_model_and_flags())
+    if mismatch:
+        print(f"note: no ratios: {mismatch}; to compare, time the official code on this machine too")
 
     # One fresh process per row, started from a clean fork server (which never touches CUDA), so
     # each row's peak memory is its own and no row inherits another's allocations.
@@ -335,7 +364,7 @@ def main(argv):
         with ProcessPoolExecutor(1, mp_context=ctx) as child:
             r = child.submit(run_in_child, env, name, kwargs).result()
         results.append(dict(label=label, measurement=name, args=kwargs, official=official, **r))
-        table.append(format_row(label, r, official))
+        table.append(format_row(label, r, official, comparable=not mismatch))
         print(f"  measured: {label}", file=sys.stderr)
     header = ["what", "ours", "peak memory", "official", "ratio", "notes"]
     widths = [max(len(str(row[i])) for row in table + [header]) for i in range(len(header))]
@@ -347,7 +376,8 @@ def main(argv):
         os.makedirs(os.path.dirname(config["json"]) or ".", exist_ok=True)
         with open(config["json"], "w") as f:
             json.dump(dict(config=config, machine=what, torch=torch.__version__, threads=threads,
-                           date=time.strftime("%Y-%m-%d %H:%M"), lpips_pretrained=lpips_pretrained, rows=results),
+                           date=time.strftime("%Y-%m-%d %H:%M"), lpips_pretrained=lpips_pretrained,
+                           ratios_compare_other_machine=mismatch, rows=results),
                       f, indent=1, default=str)
         print(f"wrote {config['json']}")
 

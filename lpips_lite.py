@@ -241,11 +241,14 @@ class LPIPS(nn.Module):
             raise ValueError(f"LPIPS expects two (B,3,H,W) images of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
         if min(x.shape[-2:]) < MIN_SIZE:
             raise ValueError(f"LPIPS needs H, W >= {MIN_SIZE} (VGG pools 4 times before relu5_3), got {tuple(x.shape[-2:])}")
-        # one pass over the concatenated batch instead of two: same result, better use of the cores
-        feats = self.net(self.scaling_layer(torch.cat([x, y], dim=0)))
+        # Two passes, not one over torch.cat([x, y]): as a loss, only y (the reconstruction) needs a
+        # gradient, and with VGG frozen autograd then records nothing for x's pass. A concatenated
+        # batch would carry x through VGG's backward too: a quarter more work for the loss.
+        feats_x = self.net(self.scaling_layer(x))
+        feats_y = self.net(self.scaling_layer(y))
         d = 0
-        for f, lin in zip(feats, self.lins):
-            fx, fy = f.float().chunk(2, dim=0)  # fp32: a sum of 512 squares is coarse under bf16 autocast
+        for fx, fy, lin in zip(feats_x, feats_y, self.lins):
+            fx, fy = fx.float(), fy.float()  # fp32: a sum of 512 squares is coarse under bf16 autocast
             diff = (normalize_channels(fx) - normalize_channels(fy)) ** 2  # (B,C,h,w)
             # LPIPS distance: d = sum_l mean_hw sum_c w_lc * (fx_hat - fy_hat)^2_lc. The paper writes
             # ||w_l * (fx_hat - fy_hat)||^2; weighting the squared difference is the same thing with w

@@ -896,6 +896,22 @@ def test_lpips_gradient_reaches_input_not_params():
     assert all(not p.requires_grad and p.grad is None for p in model.parameters())
 
 
+def test_lpips_backward_keeps_nothing_of_the_target_image():
+    # As a loss only the reconstruction y needs a gradient. One VGG pass over torch.cat([x, y])
+    # would keep 2B-image activations for backward and carry x through it; two passes keep only y's.
+    torch.manual_seed(0)
+    model = LPIPS(pretrained=False)
+    x, y = _images(n=2, seed=0), _images(n=2, seed=1).requires_grad_(True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.shape, isinstance(t, nn.Parameter))) or t,
+                                                  lambda t: t):
+        model(x, y).sum().backward()
+    # images and feature maps (leaving out weights and the (1,3,1,1) shift and scale)
+    batches = [shape[0] for shape, is_weight in kept if len(shape) == 4 and not is_weight and shape[0] > 1]
+    assert len(batches) > 10 and set(batches) == {2}
+    assert y.grad is not None and y.grad.abs().sum() > 0 and x.grad is None
+
+
 def test_lpips_stays_in_eval_mode():
     torch.manual_seed(0)
     model = LPIPS(pretrained=False)
@@ -1822,6 +1838,18 @@ def test_bench_measurements_and_ratios():
     assert row[3:5] == ["1.22 s/step", "2.00x"]
     row = bench.format_row("x", dict(value=588.0, unit="tok/s", seconds=1, memory_mb=10), dict(official=294.0, unit="tok/s"))
     assert row[4] == "2.00x"
+    # the official figures are a 2-vCPU AVX-512 Xeon's, fp32, 2 threads: elsewhere no ratio is printed
+    xeon, flags = "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", {"avx2", "avx512f"}
+    cpu = torch.device("cpu")
+    assert bench.baseline_mismatch(cpu, None, 2, xeon, flags) == ""
+    assert "without AVX-512" in bench.baseline_mismatch(cpu, None, 2, "AMD EPYC", {"avx2"})
+    assert "2 threads" not in bench.baseline_mismatch(cpu, None, 2, xeon, {"avx2"})  # names the CPU, not threads
+    assert "threads" in bench.baseline_mismatch(cpu, None, 1, xeon, flags)
+    assert "fp32" in bench.baseline_mismatch(cpu, torch.bfloat16, 2, xeon, flags)
+    assert "cuda" in bench.baseline_mismatch(torch.device("cuda"), torch.bfloat16, 2, xeon, flags)
+    row = bench.format_row("x", dict(value=588.0, unit="tok/s", seconds=1, memory_mb=10),
+                           dict(official=294.0, unit="tok/s"), comparable=False)
+    assert row[3:5] == ["294 tok/s", "n/a: other machine"]
     assert all(name in bench.MEASUREMENTS for c in ("tiny", "shapes", "paper") for _, name, _, _ in bench.rows_for(c, 1))
     with pytest.raises(SystemExit, match="--config=huge"):
         bench.rows_for("huge", 1)
