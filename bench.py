@@ -284,7 +284,10 @@ def cpu_model_and_flags():
             first_cpu = f.read().split("\n\n")[0]  # one block per core; they agree on these fields
     except OSError:  # not Linux
         return "unknown", set()
-    fields = dict((k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in first_cpu.splitlines() if ":" in line))
+    fields = {}
+    for line in first_cpu.splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
     return fields.get("model name", "unknown"), set(fields.get("flags", "").split())
 
 
@@ -344,7 +347,8 @@ def main(argv):
                lpips_pretrained=lpips_pretrained, peak_flops=known_peak_flops(device, dtype, config["peak_tflops"]),
                **{k: config[k] for k in ("threads", "warmup", "iters", "uncached_tokens", "grad_checkpointing", "compile")})
     threads = config["threads"] or torch.get_num_threads()
-    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model_and_flags()[0]}, {os.cpu_count()} cores"
+    cpu_model, cpu_flags = cpu_model_and_flags()
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model}, {os.cpu_count()} cores"
     print(f"bench.py --config={config['config']}: {what}, torch {torch.__version__}, "
           f"{env['dtype'] or 'float32'}, {threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')}")
     if not lpips_pretrained:
@@ -352,7 +356,7 @@ def main(argv):
               "features: the same cost as the real LPIPS, not the same loss")
     print("note: official = CompVis/taming-transformers on a 2-vCPU Xeon, fp32, 2 threads, quiet machine "
           "(baselines.md); ratio > 1 = faster than official")
-    mismatch = baseline_mismatch(device, dtype, threads, *cpu_model_and_flags())
+    mismatch = baseline_mismatch(device, dtype, threads, cpu_model, cpu_flags)
     if mismatch:
         print(f"note: no ratios: {mismatch}; to compare, time the official code on this machine too")
 

@@ -243,7 +243,7 @@ class LPIPS(nn.Module):
             raise ValueError(f"LPIPS needs H, W >= {MIN_SIZE} (VGG pools 4 times before relu5_3), got {tuple(x.shape[-2:])}")
         # Two passes, not one over torch.cat([x, y]): as a loss, only y (the reconstruction) needs a
         # gradient, and with VGG frozen autograd then records nothing for x's pass. A concatenated
-        # batch would carry x through VGG's backward too: a quarter more work for the loss.
+        # batch would carry x through VGG's backward too: a third more work for the loss.
         feats_x = self.net(self.scaling_layer(x))
         feats_y = self.net(self.scaling_layer(y))
         d = 0
