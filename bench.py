@@ -381,7 +381,7 @@ def main(argv):
         with open(config["json"], "w") as f:
             json.dump(dict(config=config, machine=what, torch=torch.__version__, threads=threads,
                            date=time.strftime("%Y-%m-%d %H:%M"), lpips_pretrained=lpips_pretrained,
-                           ratios_compare_other_machine=mismatch, rows=results),
+                           no_ratios_because=mismatch, rows=results),
                       f, indent=1, default=str)
         print(f"wrote {config['json']}")
 

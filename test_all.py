@@ -1843,7 +1843,7 @@ def test_bench_measurements_and_ratios():
     cpu = torch.device("cpu")
     assert bench.baseline_mismatch(cpu, None, 2, xeon, flags) == ""
     assert "without AVX-512" in bench.baseline_mismatch(cpu, None, 2, "AMD EPYC", {"avx2"})
-    assert "Xeon" in bench.baseline_mismatch(cpu, None, 2, xeon, {"avx2"})  # a Xeon without AVX-512 is another kind
+    assert "Xeon(R) Platinum 8375C CPU @ 2.90GHz without AVX-512" in bench.baseline_mismatch(cpu, None, 2, xeon, {"avx2"})
     assert "threads" in bench.baseline_mismatch(cpu, None, 1, xeon, flags)
     assert "fp32" in bench.baseline_mismatch(cpu, torch.bfloat16, 2, xeon, flags)
     assert "cuda" in bench.baseline_mismatch(torch.device("cuda"), torch.bfloat16, 2, xeon, flags)
