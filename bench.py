@@ -1,6 +1,7 @@
 """
 Measure taming-mini's speed and memory on this machine, and compare with the official
-implementation (CompVis/taming-transformers) where ../shared/reference/baselines.md measured it.
+implementation (CompVis/taming-transformers), timed on a 2-vCPU Xeon (AVX-512, fp32, 2 threads) and
+kept below as OFFICIAL figures; RESULTS.md has the tables and how they were taken.
 
     python bench.py                          # --config=shapes: the built-in data's models + the official rows
     python bench.py --config=tiny            # seconds: a smoke test of every measurement
@@ -28,7 +29,7 @@ import torch
 # Hyperparameters, each overridable as --name=value (see --help)
 CONFIG = dict(
     config="shapes",          # tiny (a smoke test) | shapes (the built-in data's models + the official rows) | paper
-    batch_size=1,             # batch of the paper rows (VQGAN images, GPT sequences); the others use baselines.md's
+    batch_size=1,             # batch of the paper rows (VQGAN images, GPT sequences); the others the official figures'
     device="auto",            # auto = cuda, then cpu (MPS is not measured)
     dtype="auto",             # auto = bf16 autocast on CUDA (fp16 without bf16), fp32 on the CPU; or float32
     threads=0,                # torch.set_num_threads in each child; 0 = torch's default (OMP_NUM_THREADS or the cores)
@@ -41,7 +42,7 @@ CONFIG = dict(
     json="",                  # also write the rows to this file
 )
 
-# The models measured. *_OFFICIAL are baselines.md's configurations, so those rows compare directly.
+# The models measured. *_OFFICIAL are the configurations the official code was timed in, so those rows compare directly.
 VQGAN_TINY = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=8, embed_dim=4,
                   n_codes=16, disc_ndf=8, disc_layers=2)
 VQGAN_SHAPES = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=64,
@@ -125,9 +126,10 @@ def timed(fn, device, warmup, iters):
 def vqgan_step(env, model, image_size, batch_size, lpips, after):
     """One full training step of train_vqgan.py: G step (L1 + LPIPS + VQ, + lambda * GAN after
     disc_start), then the D step after disc_start. Returns images/s, s/step, peak memory."""
-    import train_vqgan
     from lpips_lite import LPIPS
+    from utils import wrap_for_training
     from vqgan import VQGAN, Discriminator
+    from vqgan_loss import adam, train_step
     device, dtype = env["device"], env["dtype"]
     d_args = dict(ndf=model["disc_ndf"], n_layers=model["disc_layers"])
     vq = VQGAN(resolution=image_size, **{k: v for k, v in model.items() if not k.startswith("disc_")}).to(device)
@@ -138,16 +140,17 @@ def vqgan_step(env, model, image_size, batch_size, lpips, after):
     if device.type == "cuda":
         vq.to(memory_format=torch.channels_last)
         disc.to(memory_format=torch.channels_last)
-    opt_g, opt_d = train_vqgan.adam(vq.parameters(), 1e-4, device), train_vqgan.adam(disc.parameters(), 1e-4, device)
+    opt_g, opt_d = adam(vq.parameters(), 1e-4, device), adam(disc.parameters(), 1e-4, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     wrap = dict(compile=env["compile"])
-    train_vq, train_disc = (train_vqgan.wrap_for_training(m, wrap, False, device) for m in (vq, disc))
-    config = dict(perceptual_weight=1.0 if lpips else 0.0, disc_start=0 if after else 10**9, disc_weight=0.8,
-                  lr=1e-4, lr_schedule="constant")
+    train_vq, train_disc = (wrap_for_training(m, wrap, False, device) for m in (vq, disc))
+    # the paper's loss: L1 + LPIPS, Eq. (7)'s lambda times disc_weight 0.8
+    losses = dict(semantic=False, pixel_loss_kind="l1", perceptual_weight=1.0 if lpips else 0.0, adaptive_lambda=True,
+                  disc_weight=0.8)
     x = torch.rand(batch_size, 3, image_size, image_size, device=device) * 2 - 1
     if device.type == "cuda":  # the layout train_vqgan.py feeds the channels-last models
         x = x.to(memory_format=torch.channels_last)
-    step = lambda: train_vqgan.train_step(train_vq, train_disc, lp, opt_g, opt_d, scaler, x, 0, config, device, dtype)
+    step = lambda: train_step(train_vq, train_disc, lp, opt_g, opt_d, scaler, x, 1e-4, after, losses, device, dtype)
     seconds = timed(step, device, env["warmup"], env["iters"])
     return dict(value=batch_size / seconds, unit="img/s", seconds=seconds, memory_mb=peak_memory_mb(device))
 
@@ -161,18 +164,18 @@ def gpt_flops_per_token(model_args, seq_len, n_params):
 def gpt_train(env, model, batch_size, grid, seq_len=None):
     """One AdamW step of train_gpt.py's loss on random tokens. Returns tokens/s, memory, MFU."""
     from gpt import GPT, gpt_loss
-    import train_vqgan
+    from utils import autocast, wrap_for_training
     device, dtype = env["device"], env["dtype"]
     seq_len = seq_len or grid * grid  # image tokens per sequence; +1 start token, -1 shifted target
     gpt = GPT(block_size=seq_len + 1, **model).to(device)  # + the start token, as train_gpt.py
     gpt.grad_checkpointing = env["grad_checkpointing"]
     opt = gpt.configure_optimizer(1e-4)
-    train_model = train_vqgan.wrap_for_training(gpt, dict(compile=env["compile"]), False, device)
+    train_model = wrap_for_training(gpt, dict(compile=env["compile"]), False, device)
     seq = torch.randint(0, model["n_codes"], (batch_size, seq_len + 1), device=device)
     seq[:, 0] = model["n_codes"]  # the start token
 
     def step():
-        with train_vqgan.autocast(device, dtype):
+        with autocast(device, dtype):
             loss = gpt_loss(train_model(seq[:, :-1]), seq, n_cond=1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -292,8 +295,8 @@ def cpu_model_and_flags():
 
 
 def baseline_mismatch(device, dtype, threads, cpu_model, cpu_flags):
-    """Why this run's ratios would compare two different machines, or "" when it is baselines.md's
-    kind: the official figures were taken on a 2-vCPU Xeon with AVX-512, fp32, 2 threads. The same
+    """Why this run's ratios would compare two different machines, or "" when it is the kind the official
+    figures were taken on: the official figures were taken on a 2-vCPU Xeon with AVX-512, fp32, 2 threads. The same
     code runs 2-3x slower on an AVX2-only EPYC, so a ratio against another machine means nothing."""
     if device.type != "cpu":
         return f"this is {device.type}, the official figures are CPU ones"
@@ -333,7 +336,7 @@ def format_row(label, r, official, comparable=True):
 
 
 def main(argv):
-    from train_vqgan import parse_overrides, pick_device, pick_dtype
+    from utils import parse_overrides, pick_device, pick_dtype
     config = dict(CONFIG, **parse_overrides(CONFIG, argv, __file__))
     if config["batch_size"] < 1 or config["iters"] < 1 or config["warmup"] < 0 or config["uncached_tokens"] < 1:
         raise SystemExit("error: --batch_size, --iters and --uncached_tokens must be >= 1, --warmup >= 0")
@@ -355,7 +358,7 @@ def main(argv):
         print("note: torchvision's VGG16 weights are not cached here (offline), so LPIPS uses random VGG "
               "features: the same cost as the real LPIPS, not the same loss")
     print("note: official = CompVis/taming-transformers on a 2-vCPU Xeon, fp32, 2 threads, quiet machine "
-          "(baselines.md); ratio > 1 = faster than official")
+          "(RESULTS.md); ratio > 1 = faster than official")
     mismatch = baseline_mismatch(device, dtype, threads, cpu_model, cpu_flags)
     if mismatch:
         print(f"note: no ratios: {mismatch}; to compare, time the official code on this machine too")

@@ -35,11 +35,12 @@ from tqdm import tqdm
 
 from gpt import GPT, cond_tokens, load_official_gpt, sample_sliding_window, spatial_cond_tokens
 from lpips_lite import LPIPS, MIN_SIZE, WeightsUnavailable
-from train_vqgan import (first_line, palette_tensor, build_inception, check_kind, condition_input, draw_scene, evaluate,
-                         fid, image_transform, inception_features, input_size, load_checkpoint, load_checkpoint_file, make_datasets,
-                         official_state_dict, open_rgb, parse_overrides, pick_device, pick_dtype, psnr, read_label_map,
-                         save_image_grid, show_condition, vqgan_from_checkpoint)
-from vqgan import load_official_vqgan
+from data import (condition_input, draw_scene, image_transform, input_size, make_datasets, open_rgb, palette_tensor,
+                  read_label_map, show_condition)
+from metrics import build_inception, evaluate, fid, inception_features, psnr
+from utils import (check_kind, first_line, load_checkpoint, load_checkpoint_file, official_state_dict, parse_overrides,
+                   pick_device, pick_dtype, save_image_grid)
+from vqgan import load_official_vqgan, vqgan_from_checkpoint
 
 CONFIG = dict(
     gpt_ckpt="out/gpt/ckpt.pt",   # a checkpoint written by train_gpt.py

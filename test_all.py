@@ -34,12 +34,18 @@ import lpips_lite
 import sample
 import train_gpt
 import train_vqgan
+import data
+import metrics
+import utils
+import vqgan
+import vqgan_loss
 from gpt import (GPT, KVCache, cond_tokens, corrupt_tokens, gpt_loss, load_official_gpt, sample_logits, sample_sliding_window,
                  top_k_filter, top_p_filter, window_start)
 from lpips_lite import LPIPS, WeightsUnavailable
-from train_vqgan import (PALETTE, SHAPE_NAMES, ImageFileDataset, ShapesDataset, TorchvisionImages,
-                         discriminator_step, find_images, make_datasets, save_image_grid, split_files)
-from vqgan import (PAPER_CONFIG, VQGAN, Discriminator, VectorQuantizer, adaptive_weight, codebook_loss,
+from data import PALETTE, SHAPE_NAMES, ImageFileDataset, ShapesDataset, TorchvisionImages, find_images, make_datasets, split_files
+from utils import save_image_grid
+from vqgan_loss import discriminator_step
+from vqgan import (PAPER_CONFIG, VQGAN, Discriminator, VectorQuantizer, adaptive_weight, codebook_loss, last_layer_grads,
                    codebook_usage, commitment_loss, count_parameters, hinge_d_loss, hinge_g_loss, load_official_vqgan,
                    nearest_code, pixel_loss, straight_through, vqgan_config_from_state_dict)
 
@@ -250,16 +256,18 @@ def test_hinge_losses_on_known_logits_eq5():
 
 @grades("adaptive_weight")
 def test_adaptive_weight_is_the_ratio_of_gradient_norms_eq7():
-    last = torch.zeros(4, requires_grad=True)
-    a = torch.tensor([3.0, 4.0, 0.0, 0.0])  # grad of rec wrt last: norm 5
-    b = torch.tensor([1.0, 1.0, 1.0, 1.0])  # grad of gan wrt last: norm 2
-    lam = adaptive_weight((last * a).sum(), (last * b).sum(), last)
+    a = torch.tensor([3.0, 4.0, 0.0, 0.0], requires_grad=True)  # grad of L_rec at G_L: norm 5
+    b = torch.tensor([1.0, 1.0, 1.0, 1.0])  # grad of L_GAN at G_L: norm 2
+    lam = adaptive_weight(a, b)
     assert lam.item() == pytest.approx(5 / (2 + 1e-6))
     assert not lam.requires_grad
-    lam = adaptive_weight((last * a).sum(), (last * b).sum(), last, delta=1e-4)
-    assert lam.item() == pytest.approx(5 / (2 + 1e-4))
+    assert adaptive_weight(a, b, delta=1e-4).item() == pytest.approx(5 / (2 + 1e-4))
     # a GAN gradient of zero: 5 / 1e-6 is clamped to 1e4
-    assert adaptive_weight((last * a).sum(), (last * 0).sum(), last).item() == pytest.approx(1e4)
+    assert adaptive_weight(a, b * 0).item() == pytest.approx(1e4)
+    # the gradients it is given are those of the two losses at the last layer
+    last = torch.zeros(4, requires_grad=True)
+    rec_grad, gan_grad = last_layer_grads((last * a.detach()).sum(), (last * b).sum(), last)
+    assert torch.equal(rec_grad, a.detach()) and torch.equal(gan_grad, b)
 
 
 def test_codebook_usage_and_perplexity_by_hand():
@@ -289,6 +297,23 @@ def test_group_norm_keeps_32_groups_where_possible():
     assert Normalize(8).num_groups == 8 and Normalize(48).num_groups == 24
 
 
+def step_args(step, config):
+    """(lr, use_disc, losses) for train_step at `step`, as train_vqgan.py's loop computes them."""
+    lr = utils.lr_at(step, config["lr"], config["max_steps"], config["warmup_steps"], config["lr_schedule"])
+    use_disc = vqgan_loss.discriminator_on(step, config["disc_start"], config["condition"] == "semantic")
+    return lr, use_disc, train_vqgan.loss_settings(config)
+
+
+def run_train_step(model, disc, opt_g, opt_d, scaler, x, step, config):
+    lr, use_disc, losses = step_args(step, config)
+    return vqgan_loss.train_step(model, disc, None, opt_g, opt_d, scaler, x, lr, use_disc, losses, torch.device("cpu"), None)
+
+
+def run_generator_step(model, disc, x, step, config):
+    _, use_disc, losses = step_args(step, config)
+    return vqgan_loss.generator_step(model, disc, None, x, use_disc, **losses)
+
+
 def test_vqgan_shapes_and_decode_indices():
     torch.manual_seed(0)
     model = tiny_vqgan().eval()
@@ -312,8 +337,7 @@ def test_discriminator_gets_no_gradient_from_the_generator_step(tmp_path):
     opt_g, opt_d = torch.optim.SGD(model.parameters(), lr=0.0), torch.optim.SGD(disc.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     x = torch.rand(4, 3, 16, 16) * 2 - 1
-    cpu = torch.device("cpu")
-    logs, _ = train_vqgan.train_step(model, disc, None, opt_g, opt_d, scaler, x, 0, config, cpu, None)
+    logs, _ = run_train_step(model, disc, opt_g, opt_d, scaler, x, 0, config)
     assert logs["lam"] > 0 and logs["d"] > 0
     got = [p.grad.clone() for p in disc.parameters()]
     # D's gradient is exactly that of the hinge D loss on (x, detached x_hat): G's step added nothing.
@@ -323,7 +347,7 @@ def test_discriminator_gets_no_gradient_from_the_generator_step(tmp_path):
         assert torch.allclose(g, p.grad, atol=1e-6)
     # before disc_start D neither runs nor trains
     disc.zero_grad(set_to_none=True)
-    logs, _ = train_vqgan.train_step(model, disc, None, opt_g, opt_d, scaler, x, 0, dict(config, disc_start=10), cpu, None)
+    logs, _ = run_train_step(model, disc, opt_g, opt_d, scaler, x, 0, dict(config, disc_start=10))
     assert logs["d"] == 0.0 and logs["lam"] == 0.0
     assert all(p.grad is None for p in disc.parameters())
 
@@ -334,7 +358,7 @@ def test_generator_step_leaves_no_gradient_in_the_discriminator():
     model, disc = tiny_vqgan(), Discriminator(ndf=8, n_layers=2)
     disc.requires_grad_(False)  # as train_step does
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    loss, x_hat, _, logs = train_vqgan.generator_step(model, disc, None, x, 0, config)
+    loss, x_hat, _, logs = run_generator_step(model, disc, x, 0, config)
     loss.backward()
     assert all(p.grad is None for p in disc.parameters())
     assert model.last_layer.grad is not None and logs["lam"] > 0
@@ -357,11 +381,10 @@ def test_a_few_training_steps_reduce_the_loss():
     opt_g = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=2e-3, betas=(0.5, 0.9))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    x = torch.stack([train_vqgan.ShapesDataset(8, image_size=16, seed=1)[i][0] for i in range(8)])
+    x = torch.stack([data.ShapesDataset(8, image_size=16, seed=1)[i][0] for i in range(8)])
     first = None
     for step in range(40):
-        logs, _ = train_vqgan.train_step(model, disc, None, opt_g, opt_d, scaler, x, step, config,
-                                         torch.device("cpu"), None)
+        logs, _ = run_train_step(model, disc, opt_g, opt_d, scaler, x, step, config)
         first = first if first is not None else logs["rec"]
     assert logs["rec"] < 0.6 * first
     # the step follows the cosine schedule: lr at step 39 of 80, for G and D alike
@@ -379,7 +402,7 @@ def test_pixel_loss_by_hand_and_in_the_generator_step():
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     for kind, expected in [("l2", lambda e: e.pow(2).mean()), ("l1", lambda e: e.abs().mean())]:
         config = tiny_train_config("unused", disc_start=10**9, pixel_loss=kind)
-        _, x_hat, _, logs = train_vqgan.generator_step(model, disc, None, x, 0, config)
+        _, x_hat, _, logs = run_generator_step(model, disc, x, 0, config)
         assert logs["rec"] == pytest.approx(expected(x - x_hat).item(), rel=1e-6)
     # the shapes default optimises what PSNR measures; the paper preset keeps the official L1
     assert train_vqgan.CONFIG["pixel_loss"] == "l2"
@@ -389,13 +412,13 @@ def test_pixel_loss_by_hand_and_in_the_generator_step():
 def test_psnr_by_hand():
     x = torch.zeros(2, 3, 4, 4)
     # 0.2 on the [-1, 1] scale is 0.1 on [0, 1]: MSE 0.01 -> 20 dB
-    assert torch.allclose(train_vqgan.psnr(x, x + 0.2), torch.tensor([20.0, 20.0]), atol=1e-4)
+    assert torch.allclose(metrics.psnr(x, x + 0.2), torch.tensor([20.0, 20.0]), atol=1e-4)
 
 
 def train_until_interrupted(config, steps, monkeypatch):
     """Run train_vqgan.train(config) as if Ctrl-C came after `steps` steps: the same max_steps, so
     the same learning-rate schedule, as the resumed run will have."""
-    real_step, done = train_vqgan.train_step, []
+    real_step, done = vqgan_loss.train_step, []
 
     def step(*args):
         if len(done) == steps:
@@ -414,7 +437,7 @@ def test_checkpoint_resume_gives_the_same_next_steps(tmp_path, monkeypatch):
     resumed = train_vqgan.train(tiny_train_config(tmp_path / "split", max_steps=4, resume=True))
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
-    ckpt = train_vqgan.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"), "vqgan")
+    ckpt = utils.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"), "vqgan")
     assert ckpt["step"] == 4 and set(ckpt) >= {"model", "disc", "opt_g", "opt_d", "config", "rng", "model_config"}
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "split").iterdir())  # atomic write
     assert (tmp_path / "split" / "recon_000004.png").exists()
@@ -428,7 +451,7 @@ def test_checkpoint_resume_gives_the_same_next_steps(tmp_path, monkeypatch):
 
 
 def test_bad_flags_give_one_clear_line():
-    parse = lambda *a: train_vqgan.parse_overrides(train_vqgan.CONFIG, list(a), train_vqgan.__file__)
+    parse = lambda *a: utils.parse_overrides(train_vqgan.CONFIG, list(a), train_vqgan.__file__)
     assert parse("--batch_size=8", "--ch_mult=1,2", "--resume=true") == dict(batch_size=8, ch_mult=(1, 2), resume=True)
     for args, words in [(("--batchsize=8",), "unknown flag --batchsize"),
                         (("--batch_size=eight",), "--batch_size=eight is not a int"),
@@ -453,7 +476,7 @@ def test_paper_preset_and_help(capsys):
     assert config["image_size"] == 256 and config["n_codes"] == 1024 and config["disc_start"] == 10000
     assert config["lr"] == pytest.approx(4.5e-6 * 2)
     with pytest.raises(SystemExit) as e:
-        train_vqgan.parse_overrides(train_vqgan.CONFIG, ["--help"], train_vqgan.__file__)
+        utils.parse_overrides(train_vqgan.CONFIG, ["--help"], train_vqgan.__file__)
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert all(f"    {name}=" in out for name in train_vqgan.CONFIG)
@@ -461,16 +484,16 @@ def test_paper_preset_and_help(capsys):
 
 def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint at"):
-        train_vqgan.load_checkpoint(str(tmp_path / "missing.pt"), "vqgan")
+        utils.load_checkpoint(str(tmp_path / "missing.pt"), "vqgan")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match="not a checkpoint this project can load"):
-        train_vqgan.load_checkpoint(str(tmp_path / "junk.pt"), "vqgan")
+        utils.load_checkpoint(str(tmp_path / "junk.pt"), "vqgan")
     torch.save({"kind": "gpt"}, tmp_path / "gpt.pt")
     with pytest.raises(SystemExit, match="is a gpt checkpoint, not a vqgan checkpoint"):
-        train_vqgan.load_checkpoint(str(tmp_path / "gpt.pt"), "vqgan")
+        utils.load_checkpoint(str(tmp_path / "gpt.pt"), "vqgan")
     torch.save({"kind": "vqgan", "evil": copy.deepcopy}, tmp_path / "code.pt")  # pickles a function
     with pytest.raises(SystemExit, match="load safely"):
-        train_vqgan.load_checkpoint(str(tmp_path / "code.pt"), "vqgan")
+        utils.load_checkpoint(str(tmp_path / "code.pt"), "vqgan")
 
 
 @grades("nearest_code", "straight_through", "codebook_loss", "commitment_loss")
@@ -502,7 +525,7 @@ def test_loss_helpers_match_the_official_ones():
     out = F.conv2d(a["inp"], w, padding=1)
     nll, g = out.abs().mean(), -torch.tanh(0.3 * out).mean()
     assert nll.item() == pytest.approx(a["nll"].item(), rel=1e-5) and g.item() == pytest.approx(a["g"].item(), rel=1e-4)
-    lam = adaptive_weight(nll, g, w, delta=1e-4) * 0.8  # the official delta and disc_weight
+    lam = adaptive_weight(*last_layer_grads(nll, g, w), delta=1e-4) * 0.8  # the official delta and disc_weight
     assert lam.item() == pytest.approx(a["d_weight(disc_weight=0.8)"].item(), rel=1e-5)
 
 
@@ -1380,19 +1403,19 @@ def test_token_cache_is_reused_and_invalidated_when_the_vqgan_changes(tiny_runs,
     cache = torch.load(caches[0], weights_only=True)
     assert cache["train_tokens"].shape == (64, 8, 8) and cache["num_classes"] == 3
     # the cached grids are exactly the VQGAN's indices of the dataset's images
-    vq = train_vqgan.vqgan_from_checkpoint(train_vqgan.load_checkpoint(gpt_config["vqgan_ckpt"], "vqgan")).eval()
+    vq = vqgan.vqgan_from_checkpoint(utils.load_checkpoint(gpt_config["vqgan_ckpt"], "vqgan")).eval()
     x = torch.stack([ShapesDataset(4, 16, seed=0)[i][0] for i in range(4)])
     assert torch.equal(vq.encode(x)[1], cache["train_tokens"][:4])
     # a second run reuses the file: the encoder never runs
     monkeypatch.setattr(train_gpt, "encode_dataset", lambda *a, **k: pytest.fail("encoded again"))
-    vqgan = train_vqgan.vqgan_from_checkpoint(train_vqgan.load_checkpoint(gpt_config["vqgan_ckpt"], "vqgan"))
-    data_config = train_vqgan.load_checkpoint(gpt_config["vqgan_ckpt"], "vqgan")["config"]
-    again = train_gpt.load_token_cache(gpt_config, vqgan, data_config, torch.device("cpu"))
+    vq = vqgan.vqgan_from_checkpoint(utils.load_checkpoint(gpt_config["vqgan_ckpt"], "vqgan"))
+    data_config = utils.load_checkpoint(gpt_config["vqgan_ckpt"], "vqgan")["config"]
+    again = train_gpt.load_token_cache(gpt_config, vq, data_config, torch.device("cpu"))
     assert torch.equal(again["train_tokens"], cache["train_tokens"])
     # a changed VQGAN checkpoint (one more training step) gets a new key, so the cache is rebuilt
     monkeypatch.undo()
     train_vqgan.train(tiny_train_config(root / "vqgan", max_steps=3, disc_start=10, resume=True))
-    train_gpt.load_token_cache(gpt_config, vqgan, data_config, torch.device("cpu"))
+    train_gpt.load_token_cache(gpt_config, vq, data_config, torch.device("cpu"))
     assert len(list((root / "gpt").glob("tokens_*.pt"))) == 2
 
 
@@ -1417,7 +1440,7 @@ def test_flipped_data_caches_both_orientations():
 
 def test_gpt_training_writes_checkpoints_and_a_sample_row_per_class(tiny_runs):
     root, _ = tiny_runs
-    ckpt = train_vqgan.load_checkpoint(str(root / "gpt" / "ckpt.pt"), "gpt")
+    ckpt = utils.load_checkpoint(str(root / "gpt" / "ckpt.pt"), "gpt")
     assert ckpt["step"] == 3 and ckpt["class_names"] == list(SHAPE_NAMES) and ckpt["grid_hw"] == [8, 8]
     assert (root / "gpt" / "best.pt").exists() and (root / "gpt" / "samples_000003.png").exists()
     # one row per class in the sample grid: 3 classes x 1 sample, 16-pixel tiles with 2-pixel padding
@@ -1426,18 +1449,19 @@ def test_gpt_training_writes_checkpoints_and_a_sample_row_per_class(tiny_runs):
 
 def test_gpt_learning_rate_schedule():
     config = dict(train_gpt.CONFIG, lr=1.0, warmup_steps=10, max_steps=110)
-    assert train_gpt.lr_at(0, config) == pytest.approx(0.1)
-    assert train_gpt.lr_at(9, config) == pytest.approx(1.0)
-    assert train_gpt.lr_at(60, config) == pytest.approx(0.55)  # half-way down the cosine: 0.1 + 0.9 / 2
-    assert train_gpt.lr_at(110, config) == pytest.approx(0.1)
+    assert train_gpt.learning_rate(0, config) == pytest.approx(0.1)
+    assert train_gpt.learning_rate(9, config) == pytest.approx(1.0)
+    assert train_gpt.learning_rate(60, config) == pytest.approx(0.55)  # half-way down the cosine: 0.1 + 0.9 / 2
+    assert train_gpt.learning_rate(110, config) == pytest.approx(0.1)
     # the VQGAN's: 100 warm-up steps by default (lr / 100 at step 0), the same cosine after them;
     # without warm-up the cosine starts at step 0; the paper preset keeps lr fixed
+    vqgan_lr = lambda s, c: utils.lr_at(s, c["lr"], c["max_steps"], c["warmup_steps"], c["lr_schedule"])
     vq = dict(train_vqgan.CONFIG, lr=1.0, max_steps=1100)
-    assert [train_vqgan.lr_at(s, vq) for s in (0, 99, 600, 1100)] == pytest.approx([0.01, 1.0, 0.55, 0.1])
+    assert [vqgan_lr(s, vq) for s in (0, 99, 600, 1100)] == pytest.approx([0.01, 1.0, 0.55, 0.1])
     vq = dict(vq, warmup_steps=0, max_steps=100)
-    assert [train_vqgan.lr_at(s, vq) for s in (0, 50, 100)] == pytest.approx([1.0, 0.55, 0.1])
+    assert [vqgan_lr(s, vq) for s in (0, 50, 100)] == pytest.approx([1.0, 0.55, 0.1])
     paper = train_vqgan.resolve_config(dict(preset="paper", lr=1.0, max_steps=100))
-    assert [train_vqgan.lr_at(s, paper) for s in (0, 50, 100)] == [1.0, 1.0, 1.0]
+    assert [vqgan_lr(s, paper) for s in (0, 50, 100)] == [1.0, 1.0, 1.0]
 
 
 def test_sample_end_to_end_and_sliding_window(tiny_runs):
@@ -1544,7 +1568,7 @@ def test_paper_size_vqgan_round_trips_under_the_official_key_names(tmp_path):
     assert ours == official
     path = tmp_path / "paper.ckpt"
     torch.save(ckpt, path)
-    loaded, loaded_disc = load_official_vqgan(train_vqgan.load_official_state_dict(path))
+    loaded, loaded_disc = load_official_vqgan(utils.load_official_state_dict(path))
     assert loaded.config == model.config
     for mine, theirs in ((model, loaded), (disc, loaded_disc)):
         sd = theirs.state_dict()
@@ -1597,25 +1621,25 @@ def test_official_checkpoints_load_safely_with_inert_stand_ins(tmp_path, monkeyp
     torch.save({"state_dict": sd, "callbacks": {cls: {"best": 1}}, "cb": PickledCallback()}, path)
     monkeypatch.delitem(sys.modules, "pytorch_lightning.callbacks")
     monkeypatch.delitem(sys.modules, "pytorch_lightning")
-    loaded = train_vqgan.load_official_state_dict(path)
+    loaded = utils.load_official_state_dict(path)
     assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
     note = capsys.readouterr().out
     assert "inert stand-ins" in note and "\n" not in note.strip()
-    ckpt = train_vqgan.load_checkpoint_file(path)
-    assert isinstance(ckpt["cb"], train_vqgan.Inert) and not hasattr(ckpt["cb"], "best_score")
+    ckpt = utils.load_checkpoint_file(path)
+    assert isinstance(ckpt["cb"], utils.Inert) and not hasattr(ckpt["cb"], "best_score")
     # a file whose unpickling would run a command is refused, and the command never runs
     torch.save({"state_dict": sd, "evil": RunsACommand(marker)}, path)
     with pytest.raises(SystemExit, match="could not be loaded safely.*system"):
-        train_vqgan.load_checkpoint_file(path)
+        utils.load_checkpoint_file(path)
     assert not marker.exists()
     # a plain state dict (no Python objects) loads silently
     capsys.readouterr()
     torch.save({"state_dict": sd}, path)
-    assert train_vqgan.load_official_state_dict(path).keys() == sd.keys()
+    assert utils.load_official_state_dict(path).keys() == sd.keys()
     assert capsys.readouterr().out == ""
     (tmp_path / "junk.ckpt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match="could not be loaded safely"):
-        train_vqgan.load_official_state_dict(str(tmp_path / "junk.ckpt"))
+        utils.load_official_state_dict(str(tmp_path / "junk.ckpt"))
 
 
 def test_sample_reconstruct_with_own_and_official_checkpoints(tiny_runs, tmp_path, capsys):
@@ -1767,7 +1791,7 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
                 assert torch.allclose(rank0[k], single[k], atol=2e-5), f"{kind}: {k} differs from one process"
     # only rank 0 wrote: one log row per evaluation, one checkpoint, and it resumes
     assert len((tmp_path / "vq2" / "log.csv").read_text().splitlines()) == 2
-    ckpt = train_vqgan.load_checkpoint(str(tmp_path / "vq2" / "ckpt.pt"), "vqgan")
+    ckpt = utils.load_checkpoint(str(tmp_path / "vq2" / "ckpt.pt"), "vqgan")
     assert all(torch.equal(ckpt["model"][k], rank0_vq) for k, rank0_vq in
                torch.load(tmp_path / "vqgan_rank0.pt", weights_only=True).items())
 
@@ -1920,9 +1944,9 @@ def test_fixed_lambda_experiment_replaces_eq7_by_disc_weight():
     model, disc = tiny_vqgan(), Discriminator(ndf=8, n_layers=2)
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     config = tiny_train_config("unused", disc_start=0, disc_weight=0.3)
-    logs = train_vqgan.generator_step(model, disc, None, x, 0, config)[3]
+    logs = run_generator_step(model, disc, x, 0, config)[3]
     assert logs["lam"] > 0 and logs["lam"] != pytest.approx(0.3)  # Eq. (7) times 0.3
-    logs = train_vqgan.generator_step(model, disc, None, x, 0, dict(config, adaptive_lambda=False))[3]
+    logs = run_generator_step(model, disc, x, 0, dict(config, adaptive_lambda=False))[3]
     assert logs["lam"] == pytest.approx(0.3)
 
 
@@ -2003,17 +2027,17 @@ def test_spatial_loss_ignores_every_condition_position():
 
 
 def test_semantic_reconstruction_loss_and_accuracy_by_hand():
-    one_hot = train_vqgan.one_hot_map(torch.tensor([[[0, 0, 1]]]), 2)  # 1 map of 1x3 pixels, classes 0, 0, 1
+    one_hot = data.one_hot_map(torch.tensor([[[0, 0, 1]]]), 2)  # 1 map of 1x3 pixels, classes 0, 0, 1
     assert one_hot.tolist() == [[[[1.0, 1.0, 0.0]], [[0.0, 0.0, 1.0]]]]
     # pixel 1: logits (0, 0) -> -log 1/2; pixel 2: (log 3, 0) -> -log 3/4; pixel 3: (0, log 3), class 1 -> -log 3/4
     logits = torch.tensor([[[[0.0, np.log(3), 0.0]], [[0.0, 0.0, np.log(3)]]]])
     expected = (np.log(2) + 2 * np.log(4 / 3)) / 3
     assert semantic_rec_loss(logits, one_hot).item() == pytest.approx(expected, rel=1e-6)
     # argmax: pixel 1 is a tie (argmax picks class 0, right), pixels 2 and 3 right; flip pixel 3 -> 2/3
-    assert train_vqgan.pixel_accuracy(logits, one_hot).tolist() == [1.0]
-    assert train_vqgan.pixel_accuracy(-logits, one_hot).item() == pytest.approx(1 / 3)
+    assert metrics.pixel_accuracy(logits, one_hot).tolist() == [1.0]
+    assert metrics.pixel_accuracy(-logits, one_hot).item() == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match=r"class id out of range \[0, 2\)"):
-        train_vqgan.one_hot_map(torch.tensor([[[0, 2]]]), 2)
+        data.one_hot_map(torch.tensor([[[0, 2]]]), 2)
 
 
 def test_condition_vqgan_round_trips_semantic_maps(tmp_path):
@@ -2024,11 +2048,11 @@ def test_condition_vqgan_round_trips_semantic_maps(tmp_path):
                                eval_images=64, batch_size=8, lr=3e-3)
     model = train_vqgan.train(config).eval()
     maps = torch.stack([ShapesDataset(32, 16, seed=7)[i][2] for i in range(32)])
-    x = train_vqgan.one_hot_map(maps, 4)
+    x = data.one_hot_map(maps, 4)
     with torch.no_grad():
-        accuracy = train_vqgan.pixel_accuracy(model(x)[0], x).mean().item()
+        accuracy = metrics.pixel_accuracy(model(x)[0], x).mean().item()
     assert accuracy > 0.9, accuracy
-    ckpt = train_vqgan.load_checkpoint(str(tmp_path / "ckpt.pt"), "vqgan")
+    ckpt = utils.load_checkpoint(str(tmp_path / "ckpt.pt"), "vqgan")
     assert ckpt["config"]["condition"] == "semantic" and ckpt["config"]["cond_classes"] == 4
     assert ckpt["model_config"]["in_channels"] == ckpt["model_config"]["out_channels"] == 4
     png = np.array(Image.open(tmp_path / "recon_000250.png"))
@@ -2098,7 +2122,7 @@ def test_foreground_agreement_by_hand():
 
 
 def test_draw_scene_one_shape_per_cell():
-    image, semantic = train_vqgan.draw_scene(16, 48, 16, seed=3)
+    image, semantic = data.draw_scene(16, 48, 16, seed=3)
     assert image.shape == (3, 16, 48) and semantic.shape == (16, 48)
     for k in range(3):  # each 16x16 cell holds one shape of one class
         ids = set(semantic[:, 16 * k:16 * (k + 1)].unique().tolist())
@@ -2126,13 +2150,13 @@ def spatial_runs(tmp_path_factory):
 
 def test_spatial_gpt_trains_on_cached_condition_grids_and_samples_any_size(spatial_runs, tmp_path, capsys):
     root, _ = spatial_runs
-    ckpt = train_vqgan.load_checkpoint(str(root / "gpt" / "ckpt.pt"), "gpt")
+    ckpt = utils.load_checkpoint(str(root / "gpt" / "ckpt.pt"), "gpt")
     assert ckpt["conditional"] == "spatial" and ckpt["cond_grid_hw"] == [8, 8] and ckpt["cond_config"]["condition"] == "semantic"
     assert ckpt["model_config"]["block_size"] == 64 + 64 and ckpt["model_config"]["n_cond_tokens"] == 16
     cache = torch.load(next((root / "gpt").glob("tokens_*.pt")), weights_only=True)
-    cond_vqgan = train_vqgan.vqgan_from_checkpoint(train_vqgan.load_checkpoint(str(root / "cond" / "ckpt.pt"), "vqgan"))
+    cond_vqgan = vqgan.vqgan_from_checkpoint(utils.load_checkpoint(str(root / "cond" / "ckpt.pt"), "vqgan"))
     maps = torch.stack([ShapesDataset(4, 16, seed=0)[i][2] for i in range(4)])
-    assert torch.equal(cache["train_cond"][:4], cond_vqgan.eval().encode(train_vqgan.one_hot_map(maps, 4))[1])
+    assert torch.equal(cache["train_cond"][:4], cond_vqgan.eval().encode(data.one_hot_map(maps, 4))[1])
     base = dict(sample.CONFIG, gpt_ckpt=str(root / "gpt" / "ckpt.pt"), device="cpu", num_samples=2)
     path = sample.sample(dict(base, cond="scene", out=str(tmp_path / "wide.png")))  # 16 x 48: 3x the training width
     assert Image.open(path).size == (2 + 2 * 50, 2 + 2 * 18)  # rows of [map | sample]
@@ -2227,7 +2251,7 @@ def test_load_official_depth_to_image_transformer(tmp_path):
 # codebook health (low-dimensional and l2-normalised codes, k-means init, dead-code
 # restarts) and evaluation (SSIM, FID, sample.py --eval / --sample_fid)
 
-from train_vqgan import fid, frechet_distance, ssim  # noqa: E402
+from metrics import fid, frechet_distance, ssim  # noqa: E402
 from vqgan import init_codebook_with_kmeans, kmeans, restart_dead_codes  # noqa: E402
 
 
@@ -2381,9 +2405,9 @@ def test_training_with_the_codebook_options_resumes_exactly_and_draws_the_usage_
     resumed = train_vqgan.train(tiny_train_config(tmp_path / "split", resume=True, **options))
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
-    ckpt = train_vqgan.load_checkpoint(str(tmp_path / "full" / "ckpt.pt"), "vqgan")
+    ckpt = utils.load_checkpoint(str(tmp_path / "full" / "ckpt.pt"), "vqgan")
     assert ckpt["model_config"]["code_dim"] == 3 and ckpt["code_age"].shape == (16,)
-    rebuilt = train_vqgan.vqgan_from_checkpoint(ckpt)
+    rebuilt = vqgan.vqgan_from_checkpoint(ckpt)
     assert rebuilt.quantize.l2_codes and rebuilt.quantize.embedding.weight.shape == (16, 3)
     out = capsys.readouterr().out + capsys.readouterr().err
     histogram = tmp_path / "full" / "code_usage.png"
@@ -2397,7 +2421,7 @@ def test_bad_codebook_flags_give_one_clear_line(tmp_path):
             train_vqgan.resolve_config(overrides)
         assert "\n" not in str(e.value)
     with pytest.raises(SystemExit, match="true or false"):
-        train_vqgan.parse_overrides(train_vqgan.CONFIG, ["--l2_codes=maybe"], train_vqgan.__file__)
+        utils.parse_overrides(train_vqgan.CONFIG, ["--l2_codes=maybe"], train_vqgan.__file__)
     train_vqgan.train(tiny_train_config(tmp_path, max_steps=1, eval_interval=1))
     with pytest.raises(SystemExit, match="--resume with a different code_dim"):
         train_vqgan.resolve_config(dict(out_dir=str(tmp_path), resume=True, code_dim=8))

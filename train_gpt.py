@@ -23,9 +23,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from gpt import GPT, cond_tokens, corrupt_tokens, gpt_loss, spatial_cond_tokens
-from train_vqgan import (SHAPE_NAMES, append_log, autocast, condition_input, config_to_resume, load_checkpoint,
-                         lr_at, make_datasets, parse_overrides, save_checkpoint, save_image_grid, show_condition,
-                         start_run, unwrap, vqgan_from_checkpoint, wrap_for_training)
+from data import SHAPE_NAMES, condition_input, make_datasets, show_condition
+from utils import (append_log, autocast, config_to_resume, load_checkpoint, lr_at, parse_overrides, save_checkpoint,
+                   save_image_grid, start_run, unwrap, wrap_for_training)
+from vqgan import vqgan_from_checkpoint
 
 # -----------------------------------------------------------------------------
 # Hyperparameters, each overridable as --name=value. The defaults train on the built-in shapes
@@ -64,6 +65,13 @@ CONFIG = dict(
 )
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "conditional", "vqgan_ckpt", "data", "cond_vqgan_ckpt")
+
+
+
+def learning_rate(step, config):
+    # warm-up, then cosine decay to lr / 10 (utils.lr_at, shared with the VQGAN)
+    return lr_at(step, config["lr"], config["max_steps"], config["warmup_steps"], "cosine")
+
 
 # -----------------------------------------------------------------------------
 # The token cache: the dataset as index grids, computed once with the frozen VQGAN
@@ -167,7 +175,7 @@ def train_step(model, optimizer, scaler, tokens, labels, step, config, device, d
         inputs = torch.cat([seq[:, :n_cond], noisy.to(device)], dim=1)
     seq, inputs = seq[rank * B:(rank + 1) * B], inputs[rank * B:(rank + 1) * B]
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, config)
+        group["lr"] = learning_rate(step, config)
     with autocast(device, dtype):
         loss = gpt_loss(model(inputs[:, :-1]), seq, n_cond=n_cond)  # Eq. (9)
     optimizer.zero_grad(set_to_none=True)
@@ -325,7 +333,7 @@ def train(config):
                           rank, world_size)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr_at(step - 1, config):.1e}")
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{learning_rate(step - 1, config):.1e}")
         if master and (step % config["eval_interval"] == 0 or step == config["max_steps"]):
             val = validation_loss(model, val_tokens, val_labels, config, device, dtype)
             png_path = os.path.join(out_dir, f"samples_{step:06d}.png")
@@ -340,7 +348,7 @@ def train(config):
             if improved:
                 save_checkpoint(checkpoint(val), best_path)
             append_log(log_path, dict(step=step, time=round(time.time() - started, 1), train_loss=loss,
-                                      val_loss=val, val_bits_per_token=val / math.log(2), lr=lr_at(step - 1, config)))
+                                      val_loss=val, val_bits_per_token=val / math.log(2), lr=learning_rate(step - 1, config)))
             tqdm.write(f"step {step}: val loss {val:.4f} nats/token ({val / math.log(2):.3f} bits/token)"
                        f"{' (best)' if improved else ''}; wrote {png} and {ckpt_path}")
     bar.close()

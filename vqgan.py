@@ -238,7 +238,7 @@ def commitment_loss(z_e, z_q, beta):
     # Eq. (4), third term: beta * || sg[z_q] - E(x) ||^2. Only the encoder moves: it is asked to
     # commit to the code it picked instead of drifting away from the codebook.
     #
-    # Errata. (1) The seed summary prints this term as || sg[E(x)] - z_q ||^2, identical to the
+    # Errata. (1) One widely read summary of the paper prints this term as || sg[E(x)] - z_q ||^2, identical to the
     # codebook term: a typo. (2) The official VectorQuantizer2(legacy=True), which the official
     # VQModel always uses, puts beta on the *codebook* term instead:
     #     mean((sg[z_q] - z)^2) + beta * mean((z_q - sg[z])^2)
@@ -425,9 +425,10 @@ def usage_from_counts(counts):
 
 
 class VQGAN(nn.Module):
-    def __init__(self, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=32,
-                 z_channels=64, embed_dim=64, n_codes=256, beta=0.25, in_channels=3, out_channels=3,
-                 code_dim=0, l2_codes=False):
+    # No defaults for the architecture: train_vqgan.py's CONFIG (or an official checkpoint's shapes)
+    # is the one place they are chosen. beta, the channels and the codebook options default to the paper.
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, embed_dim, n_codes,
+                 beta=0.25, in_channels=3, out_channels=3, code_dim=0, l2_codes=False):
         super().__init__()
         # Plain values only: this dict goes into checkpoints, which hold no Python objects.
         self.config = dict(ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
@@ -548,25 +549,31 @@ def semantic_rec_loss(logits, one_hot):
     return F.cross_entropy(logits, one_hot.argmax(1))
 
 
-def adaptive_weight(rec_loss, g_loss, last_layer, delta=1e-6, max_weight=1e4):
+def adaptive_weight(rec_grad, gan_grad, delta=1e-6, max_weight=1e4):
     """Eq. (7): lambda = || grad_{G_L} L_rec || / ( || grad_{G_L} L_GAN || + delta ).
 
-    The GAN gradient is rescaled to the size of the reconstruction gradient at the decoder's
-    last layer G_L, so neither term drowns the other whatever their raw scales. The paper uses
+    rec_grad, gan_grad: the gradients of L_rec and L_GAN with respect to the decoder's last layer
+    G_L (see last_layer_grads). The GAN gradient is rescaled to the size of the reconstruction
+    gradient there, so neither term drowns the other whatever their raw scales. The paper uses
     delta = 1e-6 (the official code 1e-4). Clamped to [0, 1e4] and detached, as officially:
     lambda is a weight, not something to optimise. The caller multiplies by disc_weight.
     """
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Under DDP each process holds a shard of the batch. The gradients of the whole batch's
-        # mean loss are the mean of the shards' gradients: average them first, so every process
-        # gets the same lambda, the one a single process would compute on the whole batch.
-        grads = torch.stack([rec_grad, gan_grad])
-        torch.distributed.all_reduce(grads)
-        rec_grad, gan_grad = grads / torch.distributed.get_world_size()
     weight = rec_grad.norm() / (gan_grad.norm() + delta)
     return weight.clamp(0.0, max_weight).detach()
+
+
+def last_layer_grads(rec_loss, g_loss, last_layer):
+    """The two gradients Eq. (7) compares, at G_L. retain_graph: the full backward still follows."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return rec_grad, gan_grad
+
+
+def vqgan_from_checkpoint(ckpt):
+    """A VQGAN built and filled from one of train_vqgan.py's checkpoint dicts."""
+    model = VQGAN(**ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,294 @@
+"""
+The plumbing the scripts share, none of it from the paper: --name=value flags and --help, the
+device and the autocast dtype, torchrun/DDP, atomic checkpoints and safe loading (also of the
+official Lightning files), image grids, the learning-rate schedule and the CSV log.
+"""
+
+import csv
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torchvision
+
+# -----------------------------------------------------------------------------
+# flags: every script's hyperparameters sit in its CONFIG dict; --name=value overrides one
+
+
+def parse_overrides(defaults, argv, source_file):
+    """--name=value flags -> {name: value} with the type of the default. Errors are one line."""
+    out = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print_help(source_file)
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"error: cannot read {arg!r}: flags look like --name=value (see --help)")
+        name, value = arg[2:].split("=", 1)
+        if name not in defaults:
+            raise SystemExit(f"error: unknown flag --{name} (see --help for the list)")
+        out[name] = convert_value(name, value, defaults[name])
+    return out
+
+
+def convert_value(name, value, default):
+    try:
+        if isinstance(default, bool):  # before int: bool is a subclass of int
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if isinstance(default, tuple):
+            return tuple(int(v) for v in value.split(",") if v.strip())
+        return type(default)(value)
+    except ValueError:
+        kind = "true or false" if isinstance(default, bool) else \
+            "comma-separated integers like 1,2,2" if isinstance(default, tuple) else f"a {type(default).__name__}"
+        raise SystemExit(f"error: --{name}={value} is not {kind} (default: {format_value(default)})") from None
+
+
+def format_value(v):
+    return ",".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
+
+
+def print_help(source_file):
+    # The hyperparameters are documented once, where they are defined: print that block.
+    lines = open(source_file).read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("CONFIG = dict("))
+    end = next(i for i in range(start, len(lines)) if lines[i] == ")")
+    print(f"usage: python {os.path.basename(source_file)} [--name=value ...]\n")
+    print("\n".join(lines[start + 1:end]))
+
+
+# -----------------------------------------------------------------------------
+# device, precision, torchrun
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={name} but CUDA is not available here (use --device=auto or cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device=mps but MPS is not available here (use --device=auto or cpu)")
+    if name != "cpu" and not name.startswith("cuda") and name != "mps":
+        raise SystemExit(f"error: --device={name} is not one of auto, cpu, cuda, cuda:N, mps")
+    return torch.device(name)
+
+
+def pick_dtype(name, device):
+    """The autocast dtype, or None for plain fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None  # CPU: fp32 is fastest and exact; MPS: keep the simple, known-good path
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    choices = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in choices:
+        raise SystemExit(f"error: --dtype={name} is not one of auto, float32, bfloat16, float16")
+    if choices[name] is not None and device.type != "cuda":
+        raise SystemExit(f"error: --dtype={name} needs a CUDA device (use --dtype=auto on {device.type})")
+    return choices[name]
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def setup_ddp(device_name):
+    """-> (ddp, rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE in each
+    process it starts; without them this is a plain single-process run and nothing changes."""
+    if "RANK" not in os.environ:
+        return False, 0, 1, pick_device(device_name)
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = pick_device(device_name)
+    if device.type == "mps":
+        raise SystemExit("error: torchrun needs CUDA (nccl) or the CPU (gloo), not MPS (use --device=cpu)")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True, rank, world_size, device
+
+
+def wrap_for_training(module, config, ddp, device):
+    """The module the training step calls: torch.compile'd and/or DDP-wrapped as asked. It shares
+    its parameters with `module`, which stays the one to save, evaluate and sample with (plain
+    state-dict keys, no collective operations)."""
+    if config["compile"]:
+        # Eq. (7) takes gradients of the same graph twice (retain_graph=True), which compiled
+        # backward functions refuse while they reuse ("donate") their buffers: keep them their own.
+        torch._functorch.config.donated_buffer = False
+        module = torch.compile(module)
+    if ddp:
+        # DDP averages the gradients over the processes during backward
+        module = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return module
+
+
+def unwrap_ddp(module):
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+def unwrap(module):
+    """The plain module inside DDP and torch.compile wrappers."""
+    return getattr(unwrap_ddp(module), "_orig_mod", unwrap_ddp(module))  # torch.compile keeps it as _orig_mod
+
+
+def start_run(config):
+    """What both training scripts start with: this process's place in a torchrun job (or a single
+    process), its device and dtype, and the seed."""
+    ddp, rank, world_size, device = setup_ddp(config["device"])
+    torch.manual_seed(config["seed"])
+    return ddp, rank, world_size, device, pick_dtype(config["dtype"], device)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: written atomically, read with weights_only=True
+
+
+def save_checkpoint(obj, path):
+    # Write to a temp file, then rename: a crash mid-write never leaves a half-written ckpt.pt.
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, kind):
+    """Load one of this project's checkpoints, safely (tensors and plain values only)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint at {path} (train one first, or give the right path)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: {path} is not a checkpoint this project can load safely ({first_line[:200]})")
+    return check_kind(ckpt, path, kind)
+
+
+def check_kind(ckpt, path, kind):
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise SystemExit(f"error: {path} is a {found} checkpoint, not a {kind} checkpoint (check the path)")
+    return ckpt
+
+
+class Inert:
+    """Stands in for every Python object an official checkpoint pickles around its tensors
+    (Lightning callbacks, OmegaConf configs, ...): it accepts any arguments and state and does
+    nothing with them."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def load_checkpoint_file(path):
+    """torch.load(weights_only=True) that also reads the official Lightning checkpoints.
+
+    Those pickle Lightning and OmegaConf objects beside the state dict, which weights_only=True
+    refuses, and unpickling them for real could run any code the file names. Instead we
+    allow-list exactly the globals the file names, each mapped onto an `Inert` stand-in: the
+    tensors load as usual, the rest become empty shells, and nothing from the file ever runs.
+    (Lightning and OmegaConf need not be installed either.)"""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint at {path} (download or train one first, or give the right path)")
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: torch.load below gives the reason
+        names = []
+    stand_ins = [(type(name.rsplit(".", 1)[-1], (Inert,), {}), name) for name in names]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        # also where torch refuses a stand-in outright (globals from os, subprocess, ... are blocked)
+        raise SystemExit(f"error: {path} could not be loaded safely as a PyTorch checkpoint ({last_line(e)})") from None
+    if names:
+        print(f"note: {path} pickles {len(names)} Python class(es) besides tensors (e.g. {names[0]}); "
+              f"they were loaded as inert stand-ins, none of their code ran")
+    return ckpt
+
+
+def last_line(e):
+    # torch's weights_only errors put the reason (the refused global) at the end
+    lines = [line for line in str(e).strip().splitlines() if line.strip() and not line.startswith("Check the doc")]
+    return (lines or [type(e).__name__])[-1][:200]
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def official_state_dict(ckpt, path):
+    """The state dict inside an official Lightning checkpoint ({"state_dict": {...}, ...})."""
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SystemExit(f"error: {path} holds no state dict of tensors (is it a taming-transformers checkpoint?)")
+    return sd
+
+
+def load_official_state_dict(path):
+    """The state dict of an official taming-transformers checkpoint, loaded safely (see
+    load_checkpoint_file)."""
+    return official_state_dict(load_checkpoint_file(path), path)
+
+
+def config_to_resume(overrides, out_dir, kind, model_keys):
+    """The config saved in out_dir/ckpt.pt, after checking that no flag changes the model's shape."""
+    saved = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), kind)["config"]
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # checkpoints store tuples as lists
+    changed = [k for k in model_keys if k in overrides and plain(overrides[k]) != saved.get(k)]
+    if changed:
+        raise SystemExit(f"error: --resume with a different {', '.join(changed)} than the checkpoint "
+                         f"(drop those flags, or train a new model with another --out_dir)")
+    return saved
+
+
+def config_for_checkpoint(config):
+    # Tuples become lists: checkpoints hold plain values that weights_only=True accepts.
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
+# -----------------------------------------------------------------------------
+# pictures, the learning rate, the log
+
+
+def save_image_grid(images, path, nrow=8, padding=2):
+    """images float (N, 3, H, W) in [-1, 1] -> PNG grid at `path`; returns `path`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    images = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    # grey padding: black would merge with black tiles
+    torchvision.utils.save_image(images, path, nrow=nrow, padding=padding, pad_value=0.5)
+    return path
+
+
+def lr_at(step, lr, max_steps, warmup_steps, schedule):
+    """The learning rate at `step`, shared by both training scripts. schedule 'cosine': a linear
+    warm-up over warmup_steps (Adam's first steps are noisy), then a cosine decay to a tenth of lr
+    at max_steps. 'constant': lr throughout, as the official VQGAN trains."""
+    if schedule == "constant":
+        return lr
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def append_log(path, row):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
