@@ -432,11 +432,15 @@ def sample(config):
         cond, nrow = conditioning(model, gpt_ckpt, config, device)
         g = torch.Generator(device=device).manual_seed(config["seed"])
         trained_h, trained_w = gpt_ckpt["grid_hw"]
-        # On the trained grid this is plain autoregressive sampling with a KV cache; on a larger
-        # grid it is the sliding window. One code path, the same tokens for the same seed.
         animation = Animation(vqgan, h, w) if config["animate"] else None
-        tokens = sample_sliding_window(model, cond, h, w, trained_h, trained_w, generator=g, progress=True,
-                                       on_token=animation and animation.on_token, **sampling_options(config))
+        if (h, w) == (trained_h, trained_w) and animation is None:
+            # Eq. (8) as written: one token after another in raster order, with the KV cache
+            tokens = model.generate(cond, h * w, generator=g, **sampling_options(config)).view(-1, h, w)
+        else:
+            # a larger grid (or frames to draw): the sliding window, which on the trained grid
+            # gives exactly generate's tokens for the same seed (tested)
+            tokens = sample_sliding_window(model, cond, h, w, trained_h, trained_w, generator=g, progress=True,
+                                           on_token=animation and animation.on_token, **sampling_options(config))
         images = vqgan.decode_indices(tokens)
         if animation:
             animation.save(config["animate"])
