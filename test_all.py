@@ -1850,7 +1850,7 @@ def test_grad_checkpointing_keeps_the_gradients_and_stores_less(kind):
 def test_bench_measurements_and_ratios():
     import bench
     env = dict(device="cpu", dtype="", threads=0, warmup=0, iters=1, uncached_tokens=5, grad_checkpointing=False,
-               compile=False, peak_flops=0.0, lpips_pretrained=False)
+               compile=False, peak_flops=0.0, lpips_pretrained=False, channels_last=False)
     r = bench.run_in_child(env, "gpt_sample", dict(model=dict(n_layer=1, n_head=2, n_embd=16, n_codes=32),
                                                    batch_size=2, grid=4))
     assert r["same_tokens"] and r["uncached_tokens"] == 5 and r["unit"] == "tok/s" and r["memory_mb"] > 0
@@ -2516,6 +2516,79 @@ def test_sample_from_an_official_depth_to_image_transformer(tmp_path):
         with pytest.raises(SystemExit, match=words) as e:
             sample.sample(dict(base, **flags))
         assert "\n" not in str(e.value)
+
+
+# ---- bench.py: the GPU check ----
+
+
+def test_bench_gpu_check_rows_and_targets():
+    import bench
+    rows = bench.rows_for("gpu", 1)
+    assert all(name in bench.MEASUREMENTS for _, name, _, _ in rows) and len({r[0] for r in rows}) == len(rows)
+    settings = lambda name: sorted((a["batch_size"], a["compile"], a.get("channels_last")) for _, n, a, _ in rows
+                                   if n == name)
+    assert settings("vqgan_step") == sorted((b, c, cl) for b in (4, 8) for c in (False, True) for cl in (False, True))
+    assert settings("gpt_train") == sorted((b, c, None) for b in (2, 8) for c in (False, True))  # no channels-last
+    assert settings("gpt_sample") == [(8, False, None), (8, True, None)]
+    for _, name, a, _ in rows:
+        if name == "vqgan_step":  # the paper VQGAN at 256x256, LPIPS on, after disc_start
+            assert a["model"] == bench.VQGAN_PAPER and a["image_size"] == 256 and a["lpips"] and a["after"]
+        else:  # 24 x 1024, 16 heads, vocabulary 1024; training fills block 512, sampling 16x16 both ways
+            assert a["model"] == dict(n_layer=24, n_head=16, n_embd=1024, n_codes=1024)
+            assert a["seq_len"] + 1 == 512 if name == "gpt_train" else a["grid"] == 16 and a["uncached_tokens"] == 256
+    compiled = [a["compile"] for _, _, a, _ in rows]
+    assert compiled == sorted(compiled)  # the slow-to-start compile rows last: --time_limit cuts those
+    assert bench.bf16_peak_flops("NVIDIA H200") == bench.bf16_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench.bf16_peak_flops("Tesla T4") == 0.0
+
+    def row(measurement, batch, **figures):
+        return dict(label=f"{measurement} b{batch}", measurement=measurement, args=dict(batch_size=batch), **figures)
+    gib = 1024  # MiB
+    met = [row("vqgan_step", 4, memory_mb=11 * gib), row("vqgan_step", 8, memory_mb=20 * gib),
+           row("gpt_train", 2, memory_mb=6 * gib, mfu=0.35), row("gpt_train", 8, memory_mb=20 * gib, mfu=0.45),
+           row("gpt_sample", 8, value=1200.0, uncached_tok_s=100.0)]
+    lines = bench.check_targets(met)  # the best row decides each target
+    assert [passed for passed, _ in lines] == [True] * 4
+    assert lines[0][1] == "PASS paper VQGAN batch>=4 peak memory < 12 GiB: 11.00 GiB (vqgan_step b4)"
+    assert lines[1][1].endswith("6.00 GiB (gpt_train b2)") and lines[2][1].endswith("45.0% (gpt_train b8)")
+    assert lines[3][1] == "PASS sampling 16x16: cached >= 10x uncached tok/s: 12.0x (gpt_sample b8)"
+    missed = [row("vqgan_step", 4, memory_mb=12 * gib), row("vqgan_step", 1, memory_mb=gib),  # batch 1 does not count
+              row("gpt_train", 2, error="OutOfMemoryError: CUDA out of memory."),  # failed rows neither
+              row("gpt_sample", 8, value=900.0, uncached_tok_s=100.0)]
+    lines = bench.check_targets(missed)
+    assert [passed for passed, _ in lines] == [False] * 4
+    assert lines[0][1] == "MISS paper VQGAN batch>=4 peak memory < 12 GiB: 12.00 GiB (vqgan_step b4)"
+    assert lines[1][1] == "MISS paper GPT batch>=2 peak memory < 12 GiB: no row measured it"
+    assert lines[2][1] == "MISS paper GPT training MFU >= 40%: no row measured it"
+    assert lines[3][1].startswith("MISS sampling 16x16") and "9.0x" in lines[3][1]
+    assert bench.check_targets([row("gpt_train", 2, memory_mb=gib, mfu=0.39)])[2][1].startswith("MISS paper GPT training MFU")
+    assert bench.format_row("x", dict(error="OutOfMemoryError: CUDA out of memory."), None) == \
+        ["x", "failed", "", "", "", "OutOfMemoryError: CUDA out of memory."]
+
+
+def test_bench_gpu_check_refuses_without_cuda_and_bf16(monkeypatch, capsys):
+    import bench
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a machine with a GPU
+    for argv in (["--config=gpu", "--device=cpu"], ["--config=gpu"], ["--config=gpu", "--device=cuda"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1
+        assert err.startswith("error: the GPU check (--config=gpu) needs CUDA, and this run is not on it")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit) as e:  # refused before anything touches the (pretended) GPU
+        bench.main(["--config=gpu", "--device=cuda", "--dtype=float32"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: the GPU check measures bf16 autocast, and this run is float32 " \
+                                      "(--dtype=float32: use auto or bfloat16, on a GPU with bf16)\n"
+
+
+def test_bench_a_failing_row_keeps_its_error_line():
+    import bench
+    env = dict(device="cpu", dtype="", threads=1, warmup=0, iters=1, uncached_tokens=1, grad_checkpointing=False,
+               compile=False, peak_flops=0.0, lpips_pretrained=False, channels_last=False)
+    r = bench.run_row(env, "nearest_code", dict(n_codes=-1, how="ours"), timeout=300)  # fails in the child
+    assert r == dict(error="RuntimeError: Trying to create tensor with negative dimension -1: [-1, 256]")
 
 if __name__ == "__main__":
     sys.exit(course_kit(sys.argv[1:]))
