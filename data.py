@@ -1,9 +1,9 @@
 """
-The data every stage reads: the built-in shapes (no files, drawn from a seed), a folder of
+The data every stage reads: the built-in shapes and scenes (no files, drawn from a seed), a folder of
 images (optionally with a parallel folder of label maps), or a torchvision dataset; the
 train/validation split; and the batch order, fixed by (seed, step) so --resume sees the same
 batches. Every dataset yields images as float32 (3, H, W) in [-1, 1], the range the VQGAN
-works in; the shapes also give a class label and a semantic map.
+works in; the shapes also give a class label and a semantic map, the scenes a semantic map.
 """
 
 import os
@@ -46,7 +46,7 @@ SHAPE_SIZE_RANGE = (0.35, 0.80)  # side / diameter as a fraction of the image: b
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-DATA_HELP = "give a folder of images, or --data=shapes for the built-in data"
+DATA_HELP = "give a folder of images, or --data=shapes or --data=scenes for the built-in data"
 
 
 def palette_tensor():
@@ -103,6 +103,84 @@ class ShapesDataset(torch.utils.data.Dataset):
         image = torch.where(mask, self.colours[colour][:, None, None], self.colours[background][:, None, None])
         semantic = mask.long() * (1 + label)
         return image.contiguous(), label, semantic
+
+
+SCENE_CANVAS_SCALE = 2   # a scene's canvas is this many crops wide and high: room for several training-size shapes
+SCENE_ATTEMPTS = 12      # shapes tried per canvas; one that would overlap (or come within 1 px of) another is skipped
+
+
+def place_scene_shapes(rng, side, crop_size):
+    """Non-overlapping shapes on a side x side canvas, each of a training size (SHAPE_SIZE_RANGE x
+    crop_size) and wholly inside it, at least 1 px apart (a shape's mask grown by 1 px in the
+    8-neighbourhood never meets another's). -> [(label, colour offset 1..7, boolean mask)]."""
+    taken = np.zeros((side, side), dtype=bool)  # the placed shapes, grown by 1 px
+    shapes = []
+    for _ in range(SCENE_ATTEMPTS):
+        label, offset = int(rng.integers(NUM_SHAPE_CLASSES)), int(rng.integers(1, len(PALETTE)))
+        size = crop_size * rng.uniform(*SHAPE_SIZE_RANGE)
+        cx, cy = rng.uniform(size / 2, side - size / 2, size=2)
+        # drawn in the shape's bounding box (+1 px for the margin) only: large canvases stay fast
+        (top, bottom), (left, right) = ((max(0, int(c - size / 2) - 1), min(side, int(c + size / 2) + 2)) for c in (cy, cx))
+        ys, xs = np.meshgrid(np.arange(top, bottom) + 0.5, np.arange(left, right) + 0.5, indexing="ij")
+        mask = np.zeros((side, side), dtype=bool)
+        mask[top:bottom, left:right] = _shape_mask(label, cx, cy, size, xs, ys)
+        if (mask & taken).any():
+            continue
+        shapes.append((label, offset, mask))
+        taken[top:bottom, left:right] |= _grow(mask[top:bottom, left:right])
+    return shapes
+
+
+def _grow(mask):
+    # the mask and its 8 neighbours: the 1-px margin every other shape must keep
+    padded = np.pad(mask, 1)
+    h, w = mask.shape
+    return np.logical_or.reduce([padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)])
+
+
+class ScenesDataset(torch.utils.data.Dataset):
+    """Crops of procedural scenes, drawn from (seed, index) when asked: no files. Each item has its
+    own canvas, SCENE_CANVAS_SCALE crops wide and high, of one background colour and several flat
+    shapes of the training sizes that never overlap; the item is a random crop of it, shapes cut
+    by the crop's edge included, so a model learns what a part of a larger picture looks like.
+
+    Item -> (image float32 (3, S, S) in [-1, 1], -1 (no class label), semantic map long (S, S):
+    0 background, 1 + class on a shape)."""
+
+    def __init__(self, num_items, image_size=32, seed=0):
+        if image_size < 8:
+            raise ValueError(f"ScenesDataset: image_size must be >= 8, got {image_size}")
+        if num_items < 1 or seed < 0:
+            raise ValueError(f"ScenesDataset: need num_items >= 1 and seed >= 0, got {num_items}, {seed}")
+        self.num_items, self.image_size, self.seed = num_items, image_size, seed
+        self.colours = palette_tensor()
+        self.random_flip, self.num_classes = False, 0  # read by train_gpt.py: no class labels
+
+    def __len__(self):
+        return self.num_items
+
+    def canvas(self, index):
+        """The whole canvas of item `index` -> (image (3, C, C), semantic (C, C), shapes as from
+        place_scene_shapes, (top, left) of the item's crop)."""
+        if not 0 <= index < self.num_items:
+            raise IndexError(f"index {index} out of range for {self.num_items} scenes")
+        rng = np.random.default_rng([self.seed, index])  # private per item, as in ShapesDataset
+        side = SCENE_CANVAS_SCALE * self.image_size
+        background = int(rng.integers(len(PALETTE)))
+        shapes = place_scene_shapes(rng, side, self.image_size)
+        image = self.colours[background][:, None, None].repeat(1, side, side)
+        semantic = torch.zeros(side, side, dtype=torch.long)
+        for label, offset, mask in shapes:
+            mask = torch.from_numpy(mask)
+            image[:, mask] = self.colours[(background + offset) % len(PALETTE)][:, None]  # never the background
+            semantic[mask] = 1 + label
+        top, left = (int(v) for v in rng.integers(0, side - self.image_size + 1, size=2))
+        return image, semantic, shapes, (top, left)
+
+    def __getitem__(self, index):
+        image, semantic, _, (top, left) = self.canvas(index)
+        s = self.image_size
+        return image[:, top:top + s, left:left + s].contiguous(), -1, semantic[top:top + s, left:left + s].contiguous()
 
 
 def draw_scene(height, width, cell, seed=0):
@@ -373,16 +451,19 @@ def split_files(files, val_fraction, seed):
     return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
 
 
+BUILT_IN_DATA = {"shapes": ShapesDataset, "scenes": ScenesDataset}  # no files: drawn from a seed
+
+
 def make_datasets(data, image_size, val_fraction=0.05, seed=0, data_root="data",
                   num_shapes=50_000, num_val_shapes=512, cond_data="", cond_classes=0):
-    """--data=shapes | cifar10 | mnist | celeba | PATH -> (train_ds, val_ds). With cond_data (a
+    """--data=shapes | scenes | cifar10 | mnist | celeba | PATH -> (train_ds, val_ds). With cond_data (a
     folder of label PNGs for --data=PATH), the items also carry their semantic maps."""
     _check_data_args(image_size, val_fraction)
-    if data == "shapes":
-        # Shapes cost nothing to store, so the training set can be large. The validation seed is
-        # far from the training one, so no run's validation set is another nearby seed's train set.
-        return (ShapesDataset(num_shapes, image_size, seed),
-                ShapesDataset(num_val_shapes, image_size, seed + 1_000_003))
+    if data in BUILT_IN_DATA:
+        # Shapes and scenes cost nothing to store, so the training set can be large. The validation
+        # seed is far from the training one, so no run's validation set is a nearby seed's train set.
+        cls = BUILT_IN_DATA[data]
+        return cls(num_shapes, image_size, seed), cls(num_val_shapes, image_size, seed + 1_000_003)
     if data in TORCHVISION_DATA:
         return (TorchvisionImages(data, image_size, True, data_root),
                 TorchvisionImages(data, image_size, False, data_root))

@@ -35,9 +35,10 @@ from tqdm import tqdm
 
 from gpt import GPT, cond_tokens, load_official_gpt, sample_sliding_window, spatial_cond_tokens
 from lpips_lite import LPIPS, MIN_SIZE, WeightsUnavailable
-from data import (condition_input, draw_scene, image_transform, input_size, make_datasets, open_rgb, palette_tensor,
-                  read_label_map, show_condition)
+from data import (BUILT_IN_DATA, SHAPE_NAMES, condition_input, draw_scene, image_transform, input_size, make_datasets,
+                  open_rgb, palette_tensor, read_label_map, show_condition)
 from metrics import build_inception, evaluate, fid, inception_features, psnr
+from shape_score import MIN_IOU, score_against_map, score_batch, score_canvas
 from utils import (check_kind, first_line, load_checkpoint, load_checkpoint_file, official_state_dict, parse_overrides,
                    pick_device, pick_dtype, save_image_grid)
 from vqgan import load_official_vqgan, vqgan_from_checkpoint
@@ -127,11 +128,13 @@ def load_models(config, device):
     model = GPT(**gpt_ckpt["model_config"])
     model.load_state_dict(gpt_ckpt["model"])
     vqgan_path = config["vqgan_ckpt"] or gpt_ckpt["vqgan_ckpt"]
-    vqgan = vqgan_from_checkpoint(load_checkpoint(vqgan_path, "vqgan"))
+    vqgan_ckpt = load_checkpoint(vqgan_path, "vqgan")
+    vqgan = vqgan_from_checkpoint(vqgan_ckpt)
     if vqgan.n_codes != model.n_codes:
         raise SystemExit(f"error: the VQGAN {vqgan_path} has {vqgan.n_codes} codes but the GPT {config['gpt_ckpt']} "
                          f"was trained on {model.n_codes} (give the --vqgan_ckpt it was trained with)")
-    return model.to(device).eval(), vqgan.to(device).eval(), gpt_ckpt
+    # the VQGAN's data says whether the built-in shape score applies to the samples
+    return model.to(device).eval(), vqgan.to(device).eval(), dict(gpt_ckpt, vqgan_data=vqgan_ckpt["config"]["data"])
 
 
 def class_label(gpt_ckpt, config):
@@ -394,14 +397,57 @@ def sample_spatial(model, vqgan, gpt_ckpt, config, device):
     samples = vqgan.decode_indices(tokens)
     if animation:
         animation.save(config["animate"])
-    if semantic is not None and cond_config["data"] == "shapes":
+    if semantic is not None and cond_config["data"] in BUILT_IN_DATA:
         agreement = foreground_agreement(samples.cpu().clamp(-1, 1), semantic.expand(n, -1, -1))
         print(f"foreground/background agreement with the map: {agreement.mean().item():.3f} "
               f"(per sample: {', '.join(f'{a:.2f}' for a in agreement.tolist())})")
+        print(map_score_line(samples.float().cpu().clamp(-1, 1), semantic.expand(n, -1, -1)))
     pictures = show_condition(x, cond_config).expand(n, 3, -1, -1)  # 3: a depth map's one channel shown as grey
     columns = [images.to(device).expand(n, -1, -1, -1), samples, pictures] if cond_config["condition"] == "lowres" \
         else [pictures, samples]
     return torch.stack(columns, 1).flatten(0, 1), len(columns)
+
+
+def print_shape_score(images, gpt_ckpt, config, per_class, trained_size):
+    """The built-in score (shape_score.py) of samples of a VQGAN trained on shapes or scenes: one
+    line each. Training-size samples of shapes: the share of clean shapes and their classes (and,
+    class-conditional, the share that is the class asked for); wider canvases and scenes: the
+    share of clean shapes among those wholly inside, and of canvases with one background colour."""
+    if trained_size and gpt_ckpt["vqgan_data"] == "shapes":
+        score = score_batch(images)
+        classes = ", ".join(f"{name} {score['classes'][name]}" for name in SHAPE_NAMES)
+        failures = ", ".join(f"{k} {v}" for k, v in score["reasons"].most_common() if k != "clean") or "none"
+        print(f"shape score: {share(sum(r[0] for r in score['results']), len(images))} clean shapes "
+              f"({classes}); failures: {failures}")
+        wanted = requested_classes(gpt_ckpt, config, per_class, len(images))
+        if wanted is not None:
+            hits = sum(clean and name == SHAPE_NAMES[k] for (clean, name, _, _), k in zip(score["results"], wanted))
+            print(f"requested class: {share(hits, len(images))} samples are a clean shape of the class asked for")
+        return
+    canvases = [score_canvas(x, gpt_ckpt["image_size"]) for x in images]
+    shapes = [s for c in canvases for s in c["shapes"]]
+    print(f"canvas score: {share(sum(s[0] for s in shapes), len(shapes))} of the shapes wholly inside are clean; "
+          f"background one colour in {share(sum(c['one_background'] for c in canvases), len(canvases))} samples")
+
+
+def requested_classes(gpt_ckpt, config, per_class, n):
+    """The class each sample was asked to be (as conditioning() laid them out), or None."""
+    label = class_label(gpt_ckpt, config)
+    if label is None:
+        return None
+    return [label] * n if label != -1 else [k for k in range(len(gpt_ckpt["class_names"])) for _ in range(per_class)]
+
+
+def map_score_line(samples, semantic):
+    """Samples against the semantic maps they follow (shape_score.score_against_map), in one line."""
+    found = [s for x, m in zip(samples, semantic) for s in score_against_map(x, m)]
+    right = sum(s["predicted"] == s["wanted"] and s["map_iou"] >= MIN_IOU and s["one_colour"] for s in found)
+    return (f"map score: {share(right, len(found))} of the map's shapes drawn in one colour as the class asked for "
+            f"(IoU with the map >= {MIN_IOU})")
+
+
+def share(k, n):
+    return f"{k}/{n} ({k / n:.0%})" if n else "0/0"
 
 
 @torch.no_grad()
@@ -444,6 +490,8 @@ def sample(config):
         images = vqgan.decode_indices(tokens)
         if animation:
             animation.save(config["animate"])
+        if gpt_ckpt.get("vqgan_data") in BUILT_IN_DATA:
+            print_shape_score(images.float().cpu().clamp(-1, 1), gpt_ckpt, config, nrow, (h, w) == (trained_h, trained_w))
     path = save_image_grid(images, config["out"], nrow)
     print(f"wrote {len(images)} images to {path}")
     return path

@@ -2160,7 +2160,9 @@ def test_spatial_gpt_trains_on_cached_condition_grids_and_samples_any_size(spati
     base = dict(sample.CONFIG, gpt_ckpt=str(root / "gpt" / "ckpt.pt"), device="cpu", num_samples=2)
     path = sample.sample(dict(base, cond="scene", out=str(tmp_path / "wide.png")))  # 16 x 48: 3x the training width
     assert Image.open(path).size == (2 + 2 * 50, 2 + 2 * 18)  # rows of [map | sample]
-    assert "foreground/background agreement with the map" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "foreground/background agreement with the map" in out
+    assert re.search(r"^map score: \d+/\d+ \(\d+%\) of the map's shapes drawn in one colour as the class asked for", out, re.M), out
     labels = tmp_path / "map.png"
     Image.fromarray(np.pad(np.full((8, 8), 2, np.uint8), 4)).save(labels)  # a 16x16 map with one square
     path = sample.sample(dict(base, cond=str(labels), out=str(tmp_path / "one.png")))
@@ -2589,6 +2591,203 @@ def test_bench_a_failing_row_keeps_its_error_line():
                compile=False, peak_flops=0.0, lpips_pretrained=False, channels_last=False)
     r = bench.run_row(env, "nearest_code", dict(n_codes=-1, how="ours"), timeout=300)  # fails in the child
     assert r == dict(error="RuntimeError: Trying to create tensor with negative dimension -1: [-1, 256]")
+
+
+# ---- shape_score.py: the built-in score ----
+
+from collections import Counter  # noqa: E402 - this section's imports, beside its tests
+
+import shape_score  # noqa: E402
+from data import ScenesDataset, draw_scene  # noqa: E402
+
+
+def _one_shape(kind, size=16.0, cx=16.0, cy=16.0, colour=2, background=0, side=32):
+    """A hand-drawn shapes image: one shape of data._shape_mask on a flat background. -> (image, mask)."""
+    centres = np.arange(side) + 0.5
+    ys, xs = np.meshgrid(centres, centres, indexing="ij")
+    mask = torch.from_numpy(data._shape_mask(kind, cx, cy, size, xs, ys))
+    colours = data.palette_tensor()
+    return torch.where(mask, colours[colour][:, None, None], colours[background][:, None, None]), mask
+
+
+def _paint(image, mask, colour):
+    image = image.clone()
+    image[:, mask] = data.palette_tensor()[colour][:, None]
+    return image
+
+
+def test_shape_score_regions_and_fit_by_hand():
+    # four regions: the two top-left 1s, the lone 1 (only diagonal to them), the column of 2s, the
+    # bottom-left 2s (apart from the column); the 0s are left out
+    colours = np.array([[1, 1, 0, 2],
+                        [0, 0, 1, 2],
+                        [2, 2, 0, 2]])
+    label = shape_score.regions(colours, colours != 0)
+    assert (label == -1).sum() == 4 and len(np.unique(label[label >= 0])) == 4
+    assert label[0, 0] == label[0, 1] != label[1, 2] and label[0, 3] == label[2, 3] != label[2, 0]
+    # each kind is recognised, off the half-pixel grid too; on it, exactly; a 2:1 rectangle is none of them
+    for kind, name in enumerate(SHAPE_NAMES):
+        _, mask = _one_shape(kind, size=15.3, cx=15.2, cy=16.7)
+        fitted, iou = shape_score.fit_shape(mask.numpy())
+        assert fitted == name and iou > 0.95
+        assert shape_score.fit_shape(_one_shape(kind, size=16, cx=16, cy=16)[1].numpy()) == (name, 1.0)
+    rectangle = np.zeros((32, 32), dtype=bool)
+    rectangle[10:20, 6:26] = True
+    name, iou = shape_score.fit_shape(rectangle)
+    assert iou < 0.7  # at best a 15 px square inside the 20 x 10 box: 150 / 275 = 0.55, give or take the refinement
+
+
+def test_shape_score_real_shapes_are_clean_with_the_right_class():
+    ds = ShapesDataset(200, 32, seed=5)
+    images, labels = zip(*[ds[i][:2] for i in range(200)])
+    score = shape_score.score_batch(images)
+    right = sum(clean and name == SHAPE_NAMES[k] for (clean, name, _, _), k in zip(score["results"], labels))
+    assert right >= 198, score["reasons"]  # measured: 200 of 200, the lowest IoU 0.93
+    assert sum(score["classes"].values()) == round(score["share_clean"] * 200) >= 198
+    assert score["classes"] == Counter(SHAPE_NAMES[k] for k in labels) or right < 200
+
+
+def test_shape_score_blur_mild_mostly_passes_strong_fails():
+    ds = ShapesDataset(200, 32, seed=5)
+    images = torch.stack([ds[i][0] for i in range(200)])
+    mild = shape_score.score_batch(torchvision.transforms.functional.gaussian_blur(images, 9, 0.5))
+    strong = shape_score.score_batch(torchvision.transforms.functional.gaussian_blur(images, 9, 1.5))
+    assert mild["share_clean"] >= 0.95, mild["reasons"]    # measured 0.995
+    assert strong["share_clean"] <= 0.05, strong["reasons"]  # measured 0.01, most of them 'blurry'
+    assert strong["reasons"]["blurry"] >= 100
+
+
+def test_shape_score_fails_broken_images():
+    square, mask = _one_shape(1)
+    assert shape_score.score_image(square) == (True, "square", 1.0, "clean")
+    cases = {}
+    # half the shape in another palette colour
+    half = mask.clone()
+    half[:, :16] = False
+    cases["touching"] = [_paint(square, half, 4)]
+    # two shapes touching: of one colour they merge into one region that is no shape; of two, they touch
+    _, left = _one_shape(1, size=10, cx=11, cy=16)
+    _, right = _one_shape(1, size=10, cx=21, cy=16)
+    background = _one_shape(1, size=0.1)[0]  # a shape too small to cover a pixel centre: an empty image
+    cases["iou"] = [_paint(background, left | right, 3)]
+    cases["touching"].append(_paint(_paint(background, left, 3), right, 5))
+    # a blob of a second colour on the background, 3 x 3 pixels
+    blob = torch.zeros(32, 32, dtype=torch.bool)
+    blob[1:4, 27:30] = True
+    cases["stray"] = [_paint(square, blob, 3)]
+    cases["empty"] = [background]
+    # specks: one 2-pixel speck is tolerated, five 1-pixel specks are not
+    speck = torch.zeros(32, 32, dtype=torch.bool)
+    speck[2, 2:4] = True
+    assert shape_score.score_image(_paint(square, speck, 3))[0]
+    speck[::7, 1] = True
+    cases["specks"] = [_paint(square, speck, 3)]
+    for word, images in cases.items():
+        for image in images:
+            clean, name, _, reason = shape_score.score_image(image)
+            assert not clean and name is None and reason.split(":")[0] == word, reason
+    batch = shape_score.score_batch([square, _one_shape(0)[0], background])
+    assert batch["share_clean"] == pytest.approx(2 / 3) and batch["classes"] == Counter(square=1, circle=1)
+    assert batch["reasons"] == Counter(clean=2, empty=1)
+    with pytest.raises(SystemExit, match="wants images of shape") as e:
+        shape_score.score_image(torch.zeros(1, 8, 8))
+    assert "\n" not in str(e.value)
+
+
+def test_shape_score_canvases_and_semantic_maps():
+    image, semantic = draw_scene(32, 96, 32, seed=0)  # one shape per 32 x 32 cell
+    cells = [semantic[:, 32 * k:32 * k + 32] > 0 for k in range(3)]
+    # the shapes wholly inside the canvas: not on its top or bottom row, nor on its outer columns
+    inside = [k for k, c in enumerate(cells) if not (c[[0, -1]].any() or (k == 0 and c[:, 0].any())
+                                                    or (k == 2 and c[:, -1].any()))]
+    score = shape_score.score_canvas(image, 32)
+    assert len(score["shapes"]) == len(inside) >= 1 and all(s[0] for s in score["shapes"]) and score["one_background"]
+    found = shape_score.score_against_map(image, semantic)
+    wanted = [SHAPE_NAMES[int(semantic[:, 32 * k:32 * k + 32].max()) - 1] for k in range(3)]
+    assert sorted(f["wanted"] for f in found) == sorted(wanted)
+    assert all(f["predicted"] == f["wanted"] and f["map_iou"] == 1.0 and f["one_colour"] for f in found)
+    # a second background colour over the right third: one big region, larger than any training shape
+    background = shape_score.background_colour(shape_score.snap(image)[0])
+    patched = image.clone()
+    patched[:, :, 64:] = data.palette_tensor()[(background + 1) % 8][:, None, None]
+    assert not shape_score.score_canvas(patched, 32)["one_background"]
+    # against another scene's map the shapes are neither where nor what the map says
+    other = shape_score.score_against_map(image, draw_scene(32, 96, 32, seed=1)[1])
+    assert sum(f["map_iou"] >= shape_score.MIN_IOU for f in other) == 0
+    # a shape painted half in another colour is not one colour
+    half = (semantic > 0) & (torch.arange(96) % 2 == 0)[None, :]
+    assert not any(f["one_colour"] for f in shape_score.score_against_map(_paint(image, half, 3), semantic))
+
+
+# ---- data.py: the built-in scenes ----
+
+
+def test_scenes_are_deterministic_and_items_differ():
+    a, b = ScenesDataset(8, 32, seed=3), ScenesDataset(8, 32, seed=3)
+    torch.manual_seed(123)
+    np.random.seed(7)
+    first = a[2]
+    assert all(torch.equal(x, y) for x, y in zip(first[::2], b[2][::2])) and first[1] == -1
+    assert first[0].shape == (3, 32, 32) and first[0].dtype == torch.float32 and first[2].dtype == torch.long
+    crops = [a[i][0] for i in range(8)]
+    assert all(not torch.equal(crops[i], crops[j]) for i in range(8) for j in range(i))
+    assert not torch.equal(ScenesDataset(8, 32, seed=4)[2][0], first[0])
+    assert a.random_flip is False and a.num_classes == 0 and ScenesDataset(2, 20)[1][0].shape == (3, 20, 20)
+
+
+def test_scene_crops_agree_with_their_maps_and_shapes_never_overlap():
+    ds = ScenesDataset(20, 24, seed=1)
+    colours = data.palette_tensor()
+    counts = []
+    for i in range(20):
+        canvas, semantic, shapes, (top, left) = ds.canvas(i)
+        masks = np.stack([m for _, _, m in shapes])
+        assert masks.sum(0).max() <= 1  # no pixel in two shapes
+        for k, (label, offset, m) in enumerate(shapes):
+            grown = np.pad(m, 1)
+            grown = np.logical_or.reduce([grown[dy:dy + 48, dx:dx + 48] for dy in range(3) for dx in range(3)])
+            assert not (grown & np.delete(masks, k, 0).any(0)).any()  # >= 1 px from every other shape
+            ys, xs = np.nonzero(m)
+            side = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+            assert 0.35 * 24 - 1 <= side <= 0.8 * 24 + 1
+        counts.append(len(shapes))
+        image, label, crop_map = ds[i]
+        assert torch.equal(image, canvas[:, top:top + 24, left:left + 24]) and label == -1
+        bg = image[:, crop_map == 0]
+        assert (bg == bg[:, :1]).all()  # one background colour
+        for label, offset, m in shapes:
+            inside = torch.from_numpy(m[top:top + 24, left:left + 24])
+            assert (crop_map[inside] == 1 + label).all()
+            assert (image[:, inside] == colours[(_palette_index(bg[:, 0]) + offset) % 8][:, None]).all()
+        union = torch.from_numpy(masks.any(0)[top:top + 24, left:left + 24])
+        assert torch.equal(union, crop_map > 0)
+    assert min(counts) >= 2 and max(counts) >= 4
+
+
+def test_scenes_data_flag_wiring():
+    train_set, val_set = make_datasets("scenes", 16, num_shapes=10, num_val_shapes=3)
+    assert isinstance(train_set, ScenesDataset) and len(train_set) == 10 and len(val_set) == 3
+    assert val_set.seed != train_set.seed and train_set[0][0].shape == (3, 16, 16)
+    assert train_vqgan.resolve_config(dict(data="scenes", condition="semantic"))["cond_classes"] == 4
+    with pytest.raises(SystemExit, match="the scenes have 4 classes"):
+        train_vqgan.resolve_config(dict(data="scenes", condition="semantic", cond_classes=5))
+    with pytest.raises(SystemExit, match="--cond_data is for"):
+        train_vqgan.resolve_config(dict(data="scenes", condition="semantic", cond_data="labels"))
+
+
+def test_sample_prints_the_shape_score(tiny_runs, capsys):
+    root, _ = tiny_runs
+    base = dict(sample.CONFIG, gpt_ckpt=str(root / "gpt" / "ckpt.pt"), device="cpu", num_samples=2)
+    capsys.readouterr()
+    sample.sample(dict(base, class_label=1, out=str(root / "scored.png")))
+    out = capsys.readouterr().out
+    assert re.search(r"^shape score: \d/2 \(\d+%\) clean shapes \(circle \d, square \d, triangle \d\); failures: ", out, re.M), out
+    assert re.search(r"^requested class: \d/2 \(\d+%\) samples are a clean shape of the class asked for$", out, re.M), out
+    sample.sample(dict(base, class_label=0, width=40, out=str(root / "scored_wide.png")))
+    out = capsys.readouterr().out
+    assert re.search(r"^canvas score: .* of the shapes wholly inside are clean; background one colour in \d/2 \(\d+%\) "
+                     r"samples$", out, re.M), out
+
 
 if __name__ == "__main__":
     sys.exit(course_kit(sys.argv[1:]))

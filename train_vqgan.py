@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import NUM_SHAPE_CLASSES, SHAPE_NAMES, TORCHVISION_DATA, condition_input, input_size, make_datasets, step_batches
+from data import (BUILT_IN_DATA, NUM_SHAPE_CLASSES, SHAPE_NAMES, TORCHVISION_DATA, condition_input, input_size, make_datasets,
+                  step_batches)
 from lpips_lite import LPIPS, WeightsUnavailable
 from metrics import evaluate, save_usage_histogram
 from utils import (append_log, autocast, config_for_checkpoint, config_to_resume, load_checkpoint, lr_at,
@@ -36,7 +37,7 @@ from vqgan_loss import adam, discriminator_on, train_step
 # built-in shapes in minutes on a laptop CPU (RESULTS.md has the measured figures).
 CONFIG = dict(
     # data
-    data="shapes",            # 'shapes' (built in, no download), a folder of images, or cifar10 / mnist / celeba
+    data="shapes",            # 'shapes' or 'scenes' (built in, no download), a folder of images, or cifar10 / mnist / celeba
     data_root="data",         # where torchvision datasets are downloaded to
     image_size=32,            # training images are resized/cropped to this many pixels square
     val_fraction=0.05,        # share of a folder held out for validation (torchvision sets use their official split)
@@ -164,20 +165,20 @@ def check_config(c):
 
 
 def check_condition(c):
-    """The spatial-conditioning flags; fills in cond_classes for the built-in shapes."""
+    """The spatial-conditioning flags; fills in cond_classes for the built-in shapes and scenes."""
     if c["condition"] not in ("", "semantic", "lowres"):
         raise SystemExit(f"error: --condition={c['condition']} is not one of semantic, lowres ('' = the image VQGAN)")
-    folder = c["data"] != "shapes" and c["data"] not in TORCHVISION_DATA
+    folder = c["data"] not in BUILT_IN_DATA and c["data"] not in TORCHVISION_DATA
     if c["cond_data"] and not (c["condition"] == "semantic" and folder):
         raise SystemExit("error: --cond_data is for --condition=semantic with --data=PATH (a folder of images)")
     if c["condition"] == "semantic":
-        if c["data"] == "shapes":
+        if c["data"] in BUILT_IN_DATA:  # both draw the same three shapes: background + 3 classes
             if c["cond_classes"] not in (0, 1 + NUM_SHAPE_CLASSES):
-                raise SystemExit(f"error: --cond_classes={c['cond_classes']}: the shapes have {1 + NUM_SHAPE_CLASSES} "
+                raise SystemExit(f"error: --cond_classes={c['cond_classes']}: the {c['data']} have {1 + NUM_SHAPE_CLASSES} "
                                  f"classes (background + {', '.join(SHAPE_NAMES)}); leave it at 0")
             c["cond_classes"] = 1 + NUM_SHAPE_CLASSES
         elif not c["cond_data"]:
-            raise SystemExit(f"error: --condition=semantic needs semantic maps: --data=shapes, or --data=PATH with "
+            raise SystemExit(f"error: --condition=semantic needs semantic maps: --data=shapes or scenes, or --data=PATH with "
                              f"--cond_data=LABELS (--data={c['data']} has none)")
         if c["cond_classes"] < 2:
             raise SystemExit(f"error: --cond_classes={c['cond_classes']}: give the number of classes in the label "
