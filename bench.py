@@ -335,11 +335,18 @@ def format_row(label, r, official, comparable=True):
     return [label, value, memory, off, ratio, extra]
 
 
+def check_config(config):
+    if config["batch_size"] < 1 or config["iters"] < 1 or config["warmup"] < 0 or config["uncached_tokens"] < 1:
+        raise SystemExit("error: --batch_size, --iters and --uncached_tokens must be >= 1, --warmup >= 0")
+    if config["threads"] < 0 or config["peak_tflops"] < 0:
+        raise SystemExit("error: --threads and --peak_tflops must be 0 (the default: automatic) or more")
+    rows_for(config["config"], config["batch_size"])  # an unknown --config is one line here, before anything runs
+
+
 def main(argv):
     from utils import parse_overrides, pick_device, pick_dtype
     config = dict(CONFIG, **parse_overrides(CONFIG, argv, __file__))
-    if config["batch_size"] < 1 or config["iters"] < 1 or config["warmup"] < 0 or config["uncached_tokens"] < 1:
-        raise SystemExit("error: --batch_size, --iters and --uncached_tokens must be >= 1, --warmup >= 0")
+    check_config(config)
     device = pick_device(config["device"])
     if device.type == "mps":
         raise SystemExit("error: bench.py measures CUDA or the CPU (use --device=cpu)")
@@ -390,4 +397,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from utils import run_script
+    run_script(main)

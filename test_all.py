@@ -1396,7 +1396,7 @@ def tiny_runs(tmp_path_factory):
     return root, gpt_config
 
 
-def test_token_cache_is_reused_and_invalidated_when_the_vqgan_changes(tiny_runs, monkeypatch):
+def test_token_cache_is_reused_and_invalidated_when_the_vqgan_changes(tiny_runs, monkeypatch, tmp_path):
     root, gpt_config = tiny_runs
     caches = sorted((root / "gpt").glob("tokens_*.pt"))
     assert len(caches) == 1
@@ -1413,9 +1413,12 @@ def test_token_cache_is_reused_and_invalidated_when_the_vqgan_changes(tiny_runs,
     again = train_gpt.load_token_cache(gpt_config, vq, data_config, torch.device("cpu"))
     assert torch.equal(again["train_tokens"], cache["train_tokens"])
     # a changed VQGAN checkpoint (one more training step) gets a new key, so the cache is rebuilt
+    # (trained on in a copy: the fixture's GPT stays pinned to the fixture's VQGAN)
     monkeypatch.undo()
-    train_vqgan.train(tiny_train_config(root / "vqgan", max_steps=3, disc_start=10, resume=True))
-    train_gpt.load_token_cache(gpt_config, vq, data_config, torch.device("cpu"))
+    shutil.copytree(root / "vqgan", tmp_path / "vqgan")
+    train_vqgan.train(tiny_train_config(tmp_path / "vqgan", max_steps=3, disc_start=10, resume=True))
+    train_gpt.load_token_cache(dict(gpt_config, vqgan_ckpt=str(tmp_path / "vqgan" / "ckpt.pt")), vq, data_config,
+                               torch.device("cpu"))
     assert len(list((root / "gpt").glob("tokens_*.pt"))) == 2
 
 
