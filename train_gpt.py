@@ -333,6 +333,7 @@ def train(config):
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{learning_rate(step - 1, config):.1e}")
         if master and (step % config["eval_interval"] == 0 or step == config["max_steps"]):
+            stop_if_weights_not_finite((model,), step, ckpt_path)  # before sampling, which nan weights crash
             val = validation_loss(model, val_tokens, val_labels, config, device, dtype)
             png_path = os.path.join(out_dir, f"samples_{step:06d}.png")
             if spatial:  # the first validation conditions, each beside its sample
@@ -342,7 +343,6 @@ def train(config):
                 png = sample_grid(model, vqgan, grid_hw, config, num_classes, device, png_path, config["seed"])
             improved = val < best
             best = min(best, val)
-            stop_if_weights_not_finite((model,), step, ckpt_path)
             save_checkpoint(checkpoint(val), ckpt_path)
             if improved:
                 save_checkpoint(checkpoint(val), best_path)

@@ -313,10 +313,10 @@ def train(config):
                         lam=f"{logs['lam']:.2f}", codes=f"{usage:.0%}")
 
         if master and (step % config["eval_interval"] == 0 or step == config["max_steps"]):
+            stop_if_weights_not_finite((model, disc), step, ckpt_path)  # before the save could replace a good one
             metrics, (x0, x0_hat) = evaluate(model, lpips, val_set, config, device, dtype)
             grid = save_image_grid(torch.cat([x0, x0_hat]), os.path.join(out_dir, f"recon_{step:06d}.png"), len(x0))
             append_log(log_path, dict(step=step, time=round(time.time() - started, 1), **logs, **metrics))
-            stop_if_weights_not_finite((model, disc), step, ckpt_path)
             save()
             lpips_text = "" if math.isnan(metrics.get("val_lpips", math.nan)) else f", LPIPS {metrics['val_lpips']:.4f}"
             quality = (f"pixel accuracy {metrics['val_accuracy']:.2%}" if "val_accuracy" in metrics else

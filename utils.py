@@ -401,7 +401,8 @@ def stop_if_not_finite(losses, step, ckpt_path, ddp=False, device="cpu"):
 
 
 def stop_if_weights_not_finite(modules, step, ckpt_path):
-    # Checked before each save: an update from a finite loss can still overflow a weight.
+    # Checked at each evaluation, before anything samples with the weights or saves them over the
+    # last good checkpoint: an update from a finite loss can still overflow a weight.
     if not all(torch.isfinite(p).all() for m in modules for p in m.parameters()):
         stop_diverged(step, "a weight is no longer finite", ckpt_path)
 
