@@ -98,9 +98,18 @@ def load_official_transformer(ckpt, config):
         model = load_official_gpt(sd, cond="class" if n_classes else "sos", n_classes=n_classes, n_head=config["n_head"])
     except ValueError as e:
         raise SystemExit(f"error: {path}: {e}") from None
-    side = 256 // vqgan.downsample_factor  # every official transformer was trained on 256x256 crops
+    side = official_grid_side(model.block_size, vqgan.downsample_factor)
     return model, vqgan, dict(grid_hw=[side, side], conditional="class" if n_classes else "none",
-                              class_names=[str(c) for c in range(n_classes)], image_size=256)
+                              class_names=[str(c) for c in range(n_classes)], image_size=side * vqgan.downsample_factor)
+
+
+def official_grid_side(block_size, f):
+    """The side of the square token grid an official (unconditional or class) transformer was
+    trained on, from its block: it read [c, s] less the last token, 1 + side^2 - 1 = side^2
+    positions (every official config: 256 = 16x16, from 256x256 crops at f16). A block that is
+    no square was larger than the sequence; then the official 256x256 crops are assumed."""
+    side = math.isqrt(block_size)
+    return side if side * side == block_size else min(side, max(1, 256 // f))
 
 
 def official_depth_facts(path, model, vqgan, cond_vqgan):

@@ -1736,6 +1736,10 @@ def test_sample_from_an_official_transformer_checkpoint(tmp_path, capsys):
     assert torch.equal(ours, theirs)
     with pytest.raises(SystemExit, match="n_head=3 does not divide n_embd=16"):
         sample.sample(dict(base, n_head=3))
+    # another grid: a block of 64 = 8x8 tokens, trained on 128x128 crops at f=16, samples 128x128
+    torch.save(official_transformer_layout(GPT(16, 64, n_layer=1, n_head=2, n_embd=16), vqgan), path)
+    assert Image.open(sample.sample(dict(base, out=str(tmp_path / "8x8.png")))).size == (128, 128)
+    assert [sample.official_grid_side(b, 16) for b in (256, 1024, 257, 100, 3)] == [16, 32, 16, 10, 1]
     torch.save({"state_dict": {k: v for k, v in official_transformer_layout(gpt, vqgan)["state_dict"].items()
                                if not k.startswith("first_stage_model.")}}, path)
     with pytest.raises(SystemExit, match="no tensor 'encoder.conv_in.weight'"):

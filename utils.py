@@ -8,6 +8,7 @@ import csv
 import hashlib
 import math
 import os
+import pickle
 import sys
 from contextlib import nullcontext
 
@@ -206,7 +207,7 @@ def load_checkpoint(path, kind, resume=False):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         # (empty, truncated and random files all land here, each with torch's first line as the reason)
-        raise SystemExit(f"error: {path} is not a checkpoint this project can load safely ({first_line(e)}); "
+        raise SystemExit(f"error: {path} is not a checkpoint this project can load safely ({load_error(path, e)}); "
                          f"retrain it or give another file") from None
     return check_kind(ckpt, path, kind, resume)
 
@@ -335,11 +336,21 @@ def load_checkpoint_file(path):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         # also where torch refuses a stand-in outright (globals from os, subprocess, ... are blocked)
-        raise SystemExit(f"error: {path} could not be loaded safely as a PyTorch checkpoint ({last_line(e)})") from None
+        raise SystemExit(f"error: {path} could not be loaded safely as a PyTorch checkpoint ({load_error(path, e)})") from None
     if names:
         print(f"note: {path} pickles {len(names)} Python class(es) besides tensors (e.g. {names[0]}); "
               f"they were loaded as inert stand-ins, none of their code ran")
     return ckpt
+
+
+def load_error(path, e):
+    """Why torch.load refused a file, in a few words: a weights_only refusal names the refused
+    global at its end; a broken zip (a truncated file) says so in its first sentence."""
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    if isinstance(e, pickle.UnpicklingError):
+        return last_line(e)
+    return first_line(e).split(". ")[0]
 
 
 def last_line(e):
