@@ -332,8 +332,10 @@ def train(config):
         stop_if_not_finite(dict(loss=loss), step, ckpt_path, ddp, device)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{learning_rate(step - 1, config):.1e}")
-        if master and (step % config["eval_interval"] == 0 or step == config["max_steps"]):
-            stop_if_weights_not_finite((model,), step, ckpt_path)  # before sampling, which nan weights crash
+        evaluating = step % config["eval_interval"] == 0 or step == config["max_steps"]
+        if evaluating:  # every process: DDP keeps the weights equal, so all stop together
+            stop_if_weights_not_finite((model,), step, ckpt_path)  # before sampling or saving over a good ckpt.pt
+        if master and evaluating:
             val = validation_loss(model, val_tokens, val_labels, config, device, dtype)
             png_path = os.path.join(out_dir, f"samples_{step:06d}.png")
             if spatial:  # the first validation conditions, each beside its sample

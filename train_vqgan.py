@@ -312,8 +312,10 @@ def train(config):
         bar.set_postfix(rec=f"{logs['rec']:.3f}", q=f"{logs['q']:.3f}", d=f"{logs['d']:.3f}",
                         lam=f"{logs['lam']:.2f}", codes=f"{usage:.0%}")
 
-        if master and (step % config["eval_interval"] == 0 or step == config["max_steps"]):
-            stop_if_weights_not_finite((model, disc), step, ckpt_path)  # before the save could replace a good one
+        evaluating = step % config["eval_interval"] == 0 or step == config["max_steps"]
+        if evaluating:  # every process: DDP keeps the weights equal, so all stop together
+            stop_if_weights_not_finite((model, disc), step, ckpt_path)  # before sampling or saving over a good ckpt.pt
+        if master and evaluating:
             metrics, (x0, x0_hat) = evaluate(model, lpips, val_set, config, device, dtype)
             grid = save_image_grid(torch.cat([x0, x0_hat]), os.path.join(out_dir, f"recon_{step:06d}.png"), len(x0))
             append_log(log_path, dict(step=step, time=round(time.time() - started, 1), **logs, **metrics))
