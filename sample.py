@@ -32,7 +32,7 @@ import torchvision.transforms.functional as TF
 from PIL import ImageDraw
 from tqdm import tqdm
 
-from gpt import cond_tokens, gpt_from_loaded, load_official_gpt, sample_sliding_window, spatial_cond_tokens
+from gpt import cond_tokens, gpt_from_loaded, sample_sliding_window, spatial_cond_tokens
 from lpips_lite import LPIPS, MIN_SIZE, WeightsUnavailable
 from data import (condition_input, draw_scene, image_transform, input_size, make_datasets, open_rgb, palette_tensor,
                   read_label_map, show_condition)
@@ -91,13 +91,13 @@ def load_official_transformer(ckpt, config):
 
     try:
         vqgan, _ = load_official_vqgan(stage("first_stage_model."))
-        if "cond_stage_model.encoder.conv_in.weight" in sd:  # a condition VQGAN: depth-to-image
-            cond_vqgan, _ = load_official_vqgan(stage("cond_stage_model."))
-            model = load_official_gpt(sd, cond="spatial", n_classes=cond_vqgan.n_codes, n_head=config["n_head"])
-            return model, vqgan, official_depth_facts(path, model, vqgan, cond_vqgan)
-        model = load_official_gpt(sd, cond="class" if n_classes else "sos", n_classes=n_classes, n_head=config["n_head"])
+        cond_vqgan = load_official_vqgan(stage("cond_stage_model."))[0] \
+            if "cond_stage_model.encoder.conv_in.weight" in sd else None  # a condition VQGAN: depth-to-image
     except ValueError as e:
         raise SystemExit(f"error: {path}: {e}") from None
+    model = gpt_from_loaded(ckpt, path, n_head=config["n_head"], n_classes=n_classes)  # gpt.load_gpt's reading
+    if cond_vqgan is not None:
+        return model, vqgan, official_depth_facts(path, model, vqgan, cond_vqgan)
     side = official_grid_side(model.block_size, vqgan.downsample_factor)
     return model, vqgan, dict(grid_hw=[side, side], conditional="class" if n_classes else "none",
                               class_names=[str(c) for c in range(n_classes)], image_size=side * vqgan.downsample_factor)
