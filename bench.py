@@ -439,12 +439,19 @@ def format_row(label, r, official, comparable=True):
     return [label, value, memory, off, ratio, extra]
 
 
-def main(argv):
-    from utils import parse_overrides, pick_device, pick_dtype
-    config = dict(CONFIG, **parse_overrides(CONFIG, argv, __file__))
+def check_config(config):
     if config["batch_size"] < 1 or config["iters"] < 1 or config["warmup"] < 0 or config["uncached_tokens"] < 1 \
             or config["time_limit"] < 0:
         raise SystemExit("error: --batch_size, --iters and --uncached_tokens must be >= 1, --warmup and --time_limit >= 0")
+    if config["threads"] < 0 or config["peak_tflops"] < 0:
+        raise SystemExit("error: --threads and --peak_tflops must be 0 (the default: automatic) or more")
+    rows_for(config["config"], config["batch_size"])  # an unknown --config is one line here, before anything runs
+
+
+def main(argv):
+    from utils import parse_overrides, pick_device, pick_dtype
+    config = dict(CONFIG, **parse_overrides(CONFIG, argv, __file__))
+    check_config(config)
     gpu_check = config["config"] == "gpu"
     wants_cuda = config["device"] == "auto" or config["device"].startswith("cuda")
     if gpu_check and not (wants_cuda and torch.cuda.is_available()):
@@ -520,4 +527,5 @@ def refuse(why):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from utils import run_script
+    run_script(main)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+import utils  # plain plumbing: checked checkpoint loading
 from vqgan import load_strict  # the same strict, one-line-error load as the VQGAN's
 
 # -----------------------------------------------------------------------------------------
@@ -457,3 +458,26 @@ def load_official_gpt(sd, cond="sos", n_classes=0, n_head=16):
     with torch.device("meta"):  # no random init of a paper-size model; the weights are assigned
         model = GPT(vocab, sd["pos_emb"].shape[1], n_layer, n_head, n_embd, n_cond_tokens=n_cond)
     return load_strict(model, sd, "GPT state dict")
+
+
+def load_gpt(path, n_head=16, n_classes=0):
+    """The GPT in the file at `path`: one of train_gpt.py's checkpoints or an official
+    taming-transformers transformer (a Net2NetTransformer last.ckpt, loaded safely). For an
+    official one, n_head and n_classes are what the weights do not show (see load_official_gpt);
+    a depth-to-image file's condition codebook size is read from its cond_stage_model.*.
+    Bad files are one line."""
+    return gpt_from_loaded(utils.load_checkpoint_file(path), path, n_head, n_classes)
+
+
+def gpt_from_loaded(ckpt, path, n_head=16, n_classes=0):
+    """load_gpt on an already loaded file (sample.py also reads the rest of it)."""
+    if isinstance(ckpt, dict) and "kind" in ckpt:  # ours: written by train_gpt.py
+        return utils.build_from_checkpoint(GPT, utils.check_kind(ckpt, path, "gpt"), path)
+    sd = utils.official_state_dict(ckpt, path)
+    cond_codebook = sd.get("cond_stage_model.quantize.embedding.weight")
+    try:
+        if cond_codebook is not None:  # a spatial condition: its VQGAN's codes are the condition tokens
+            return load_official_gpt(sd, cond="spatial", n_classes=cond_codebook.shape[0], n_head=n_head)
+        return load_official_gpt(sd, cond="class" if n_classes else "sos", n_classes=n_classes, n_head=n_head)
+    except ValueError as e:
+        raise SystemExit(f"error: {path}: {e}") from None

@@ -24,7 +24,6 @@ convolutional decoder takes any size.
 
 import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +32,15 @@ import torchvision.transforms.functional as TF
 from PIL import ImageDraw
 from tqdm import tqdm
 
-from gpt import GPT, cond_tokens, load_official_gpt, sample_sliding_window, spatial_cond_tokens
+from gpt import cond_tokens, gpt_from_loaded, sample_sliding_window, spatial_cond_tokens
 from lpips_lite import LPIPS, MIN_SIZE, WeightsUnavailable
 from data import (BUILT_IN_DATA, SHAPE_NAMES, condition_input, draw_scene, image_transform, input_size, make_datasets,
                   open_rgb, palette_tensor, read_label_map, show_condition)
 from metrics import build_inception, evaluate, fid, inception_features, psnr
 from shape_score import MIN_IOU, score_against_map, score_batch, score_canvas
-from utils import (check_kind, first_line, load_checkpoint, load_checkpoint_file, official_state_dict, parse_overrides,
-                   pick_device, pick_dtype, save_image_grid)
-from vqgan import load_official_vqgan, vqgan_from_checkpoint
+from utils import (check_kind, check_non_negative, first_line, load_checkpoint, load_checkpoint_file, official_state_dict,
+                   parse_overrides, pick_device, pick_dtype, run_script, save_image_grid, weights_digest)
+from vqgan import load_official_vqgan, vqgan_from_checkpoint, vqgan_from_loaded
 
 CONFIG = dict(
     gpt_ckpt="out/gpt/ckpt.pt",   # a checkpoint written by train_gpt.py
@@ -93,16 +92,25 @@ def load_official_transformer(ckpt, config):
 
     try:
         vqgan, _ = load_official_vqgan(stage("first_stage_model."))
-        if "cond_stage_model.encoder.conv_in.weight" in sd:  # a condition VQGAN: depth-to-image
-            cond_vqgan, _ = load_official_vqgan(stage("cond_stage_model."))
-            model = load_official_gpt(sd, cond="spatial", n_classes=cond_vqgan.n_codes, n_head=config["n_head"])
-            return model, vqgan, official_depth_facts(path, model, vqgan, cond_vqgan)
-        model = load_official_gpt(sd, cond="class" if n_classes else "sos", n_classes=n_classes, n_head=config["n_head"])
+        cond_vqgan = load_official_vqgan(stage("cond_stage_model."))[0] \
+            if "cond_stage_model.encoder.conv_in.weight" in sd else None  # a condition VQGAN: depth-to-image
     except ValueError as e:
         raise SystemExit(f"error: {path}: {e}") from None
-    side = 256 // vqgan.downsample_factor  # every official transformer was trained on 256x256 crops
+    model = gpt_from_loaded(ckpt, path, n_head=config["n_head"], n_classes=n_classes)  # gpt.load_gpt's reading
+    if cond_vqgan is not None:
+        return model, vqgan, official_depth_facts(path, model, vqgan, cond_vqgan)
+    side = official_grid_side(model.block_size, vqgan.downsample_factor)
     return model, vqgan, dict(grid_hw=[side, side], conditional="class" if n_classes else "none",
-                              class_names=[str(c) for c in range(n_classes)], image_size=256)
+                              class_names=[str(c) for c in range(n_classes)], image_size=side * vqgan.downsample_factor)
+
+
+def official_grid_side(block_size, f):
+    """The side of the square token grid an official (unconditional or class) transformer was
+    trained on, from its block: it read [c, s] less the last token, 1 + side^2 - 1 = side^2
+    positions (every official config: 256 = 16x16, from 256x256 crops at f16). A block that is
+    no square was larger than the sequence; then the official 256x256 crops are assumed."""
+    side = math.isqrt(block_size)
+    return side if side * side == block_size else min(side, max(1, 256 // f))
 
 
 def official_depth_facts(path, model, vqgan, cond_vqgan):
@@ -125,16 +133,37 @@ def load_models(config, device):
         model, vqgan, gpt_ckpt = load_official_transformer(ckpt, config)
         return model.to(device).eval(), vqgan.to(device).eval(), gpt_ckpt
     gpt_ckpt = check_kind(ckpt, config["gpt_ckpt"], "gpt")
-    model = GPT(**gpt_ckpt["model_config"])
-    model.load_state_dict(gpt_ckpt["model"])
+    model = gpt_from_loaded(gpt_ckpt, config["gpt_ckpt"])
+    check_grid(gpt_ckpt, model, config["gpt_ckpt"])
     vqgan_path = config["vqgan_ckpt"] or gpt_ckpt["vqgan_ckpt"]
     vqgan_ckpt = load_checkpoint(vqgan_path, "vqgan")
-    vqgan = vqgan_from_checkpoint(vqgan_ckpt)
+    vqgan = vqgan_from_checkpoint(vqgan_ckpt, vqgan_path)
     if vqgan.n_codes != model.n_codes:
         raise SystemExit(f"error: the VQGAN {vqgan_path} has {vqgan.n_codes} codes but the GPT {config['gpt_ckpt']} "
                          f"was trained on {model.n_codes} (give the --vqgan_ckpt it was trained with)")
+    check_pinned(gpt_ckpt.get("vqgan_digest"), vqgan, vqgan_path, config["gpt_ckpt"], "vqgan_ckpt")
     # the VQGAN's data says whether the built-in shape score applies to the samples
     return model.to(device).eval(), vqgan.to(device).eval(), dict(gpt_ckpt, vqgan_data=vqgan_ckpt["config"]["data"])
+
+
+def check_grid(gpt_ckpt, model, path):
+    # the trained grid must fit the model's block ([c, s] minus the last token); else sampling
+    # would fail deep inside the sliding window
+    grid = gpt_ckpt["grid_hw"]
+    if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(n, int) and n > 0 for n in grid)) or \
+            grid[0] * grid[1] > model.block_size:
+        raise SystemExit(f"error: {path}: its grid_hw={grid} does not fit the GPT's block_size={model.block_size} "
+                         f"(a damaged file: retrain it or give another)")
+
+
+def check_pinned(digest, vqgan, vqgan_path, gpt_path, flag):
+    """A GPT's codes mean the pictures of the VQGAN it was trained on: any other VQGAN (even one
+    with the same codebook size, or the same file trained further) decodes them into noise.
+    Checkpoints from before the pin have no digest and are not checked."""
+    if digest and weights_digest(vqgan.state_dict()) != digest:
+        raise SystemExit(f"error: the VQGAN {vqgan_path} is not the one the GPT {gpt_path} was trained on (its "
+                         f"weights differ: retrained or replaced?); give the --{flag} it was trained with, "
+                         f"or train the GPT again on this one")
 
 
 def class_label(gpt_ckpt, config):
@@ -214,15 +243,9 @@ def complete_image(model, vqgan, gpt_ckpt, config, device):
 def load_any_vqgan(path):
     """(VQGAN, training image size) from this project's checkpoint or an official one."""
     ckpt = load_checkpoint_file(path)
-    if isinstance(ckpt, dict) and "kind" in ckpt:  # ours: written by train_vqgan.py
-        if ckpt["kind"] != "vqgan":
-            raise SystemExit(f"error: {path} is a {ckpt['kind']} checkpoint, not a vqgan checkpoint (check the path)")
-        return vqgan_from_checkpoint(ckpt), ckpt["config"]["image_size"]
-    try:
-        vqgan, _ = load_official_vqgan(official_state_dict(ckpt, path))
-    except ValueError as e:
-        raise SystemExit(f"error: {path}: {e}") from None
-    return vqgan, 256  # every official VQGAN was trained on 256x256 crops
+    vqgan = vqgan_from_loaded(ckpt, path)
+    ours = isinstance(ckpt, dict) and "kind" in ckpt  # written by train_vqgan.py, checked by vqgan_from_loaded
+    return vqgan, ckpt["config"]["image_size"] if ours else 256  # every official VQGAN was trained on 256x256 crops
 
 
 def token_picture(indices, n_codes, f):
@@ -290,10 +313,12 @@ def load_cond_vqgan(gpt_ckpt, config, device):
     path = config["cond_vqgan_ckpt"] or gpt_ckpt["cond_vqgan_ckpt"]
     ckpt = load_checkpoint(path, "vqgan")
     kind, n_codes = gpt_ckpt["cond_config"]["condition"], gpt_ckpt["model_config"]["n_cond_tokens"]
-    if ckpt["config"].get("condition", "") != kind or ckpt["model_config"]["n_codes"] != n_codes:
+    if ckpt["config"].get("condition", "") != kind or ckpt["model_config"].get("n_codes") != n_codes:
         raise SystemExit(f"error: {path} is not a {kind} condition VQGAN with {n_codes} codes, which this GPT "
                          f"was trained with (give the --cond_vqgan_ckpt it was trained with)")
-    return vqgan_from_checkpoint(ckpt).to(device).eval()
+    cond_vqgan = vqgan_from_checkpoint(ckpt, path)
+    check_pinned(gpt_ckpt.get("cond_vqgan_digest"), cond_vqgan, path, config["gpt_ckpt"], "cond_vqgan_ckpt")
+    return cond_vqgan.to(device).eval()
 
 
 def read_condition(gpt_ckpt, config):
@@ -450,14 +475,23 @@ def share(k, n):
     return f"{k}/{n} ({k / n:.0%})" if n else "0/0"
 
 
+def check_config(config):
+    """The numeric flags' ranges, before any file is read."""
+    if config["num_samples"] <= 0 or config["temperature"] <= 0 or not 0 < config["top_p"] <= 1 or config["top_k"] < 0:
+        raise SystemExit("error: need --num_samples > 0, --temperature > 0, 0 < --top_p <= 1 and --top_k >= 0")
+    if config["class_label"] < -1 or config["n_head"] <= 0:
+        raise SystemExit(f"error: --class_label={config['class_label']} must be a class (0, 1, ...) or -1 for all, "
+                         f"and --n_head={config['n_head']} positive")
+    check_non_negative(config, ("height", "width", "image_size", "official_classes", "eval_images"))
+
+
 @torch.no_grad()
 def sample(config):
+    check_config(config)
     if config["reconstruct"]:
         return reconstruct(config)
     device = pick_device(config["device"])
     model, vqgan, gpt_ckpt = load_models(config, device)
-    if config["num_samples"] <= 0 or config["temperature"] <= 0 or not 0 < config["top_p"] <= 1 or config["top_k"] < 0:
-        raise SystemExit("error: need --num_samples > 0, --temperature > 0, 0 < --top_p <= 1 and --top_k >= 0")
     spatial = gpt_ckpt["conditional"] == "spatial"
     if spatial != bool(config["cond"]):
         kind = "unconditional" if gpt_ckpt["conditional"] == "none" else f"{gpt_ckpt['conditional']}-conditional"
@@ -613,6 +647,7 @@ def sample_fid(config):
 
 def main(argv):
     config = dict(CONFIG, **parse_overrides(CONFIG, argv, __file__))
+    check_config(config)
     if config["eval"]:
         evaluate_vqgan(config)
     elif config["sample_fid"]:
@@ -622,4 +657,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

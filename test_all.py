@@ -35,6 +35,7 @@ import sample
 import train_gpt
 import train_vqgan
 import data
+import gpt as gpt_module
 import metrics
 import utils
 import vqgan
@@ -1396,7 +1397,7 @@ def tiny_runs(tmp_path_factory):
     return root, gpt_config
 
 
-def test_token_cache_is_reused_and_invalidated_when_the_vqgan_changes(tiny_runs, monkeypatch):
+def test_token_cache_is_reused_and_invalidated_when_the_vqgan_changes(tiny_runs, monkeypatch, tmp_path):
     root, gpt_config = tiny_runs
     caches = sorted((root / "gpt").glob("tokens_*.pt"))
     assert len(caches) == 1
@@ -1413,9 +1414,12 @@ def test_token_cache_is_reused_and_invalidated_when_the_vqgan_changes(tiny_runs,
     again = train_gpt.load_token_cache(gpt_config, vq, data_config, torch.device("cpu"))
     assert torch.equal(again["train_tokens"], cache["train_tokens"])
     # a changed VQGAN checkpoint (one more training step) gets a new key, so the cache is rebuilt
+    # (trained on in a copy: the fixture's GPT stays pinned to the fixture's VQGAN)
     monkeypatch.undo()
-    train_vqgan.train(tiny_train_config(root / "vqgan", max_steps=3, disc_start=10, resume=True))
-    train_gpt.load_token_cache(gpt_config, vq, data_config, torch.device("cpu"))
+    shutil.copytree(root / "vqgan", tmp_path / "vqgan")
+    train_vqgan.train(tiny_train_config(tmp_path / "vqgan", max_steps=3, disc_start=10, resume=True))
+    train_gpt.load_token_cache(dict(gpt_config, vqgan_ckpt=str(tmp_path / "vqgan" / "ckpt.pt")), vq, data_config,
+                               torch.device("cpu"))
     assert len(list((root / "gpt").glob("tokens_*.pt"))) == 2
 
 
@@ -1732,6 +1736,10 @@ def test_sample_from_an_official_transformer_checkpoint(tmp_path, capsys):
     assert torch.equal(ours, theirs)
     with pytest.raises(SystemExit, match="n_head=3 does not divide n_embd=16"):
         sample.sample(dict(base, n_head=3))
+    # another grid: a block of 64 = 8x8 tokens, trained on 128x128 crops at f=16, samples 128x128
+    torch.save(official_transformer_layout(GPT(16, 64, n_layer=1, n_head=2, n_embd=16), vqgan), path)
+    assert Image.open(sample.sample(dict(base, out=str(tmp_path / "8x8.png")))).size == (128, 128)
+    assert [sample.official_grid_side(b, 16) for b in (256, 1024, 257, 100, 3)] == [16, 32, 16, 10, 1]
     torch.save({"state_dict": {k: v for k, v in official_transformer_layout(gpt, vqgan)["state_dict"].items()
                                if not k.startswith("first_stage_model.")}}, path)
     with pytest.raises(SystemExit, match="no tensor 'encoder.conv_in.weight'"):
@@ -2787,6 +2795,257 @@ def test_sample_prints_the_shape_score(tiny_runs, capsys):
     out = capsys.readouterr().out
     assert re.search(r"^canvas score: .* of the shapes wholly inside are clean; background one colour in \d/2 \(\d+%\) "
                      r"samples$", out, re.M), out
+
+
+# =============================================================================
+# Bad inputs: damaged checkpoints, bad flags, a VQGAN the GPT was not trained on, a diverging run
+
+
+def one_error_line(call):
+    """Run call(); it must stop with SystemExit('error: ...'): one line, returned."""
+    with pytest.raises(SystemExit) as e:
+        call()
+    message = e.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, repr(message)
+    return message
+
+
+def damaged_copies(src, folder, missing_key):
+    """{damage: (path, words its error names)} for broken versions of the checkpoint file src."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw, ckpt = open(src, "rb").read(), torch.load(src, weights_only=True)
+    first = next(iter(ckpt["model"]))
+    bigger = torch.zeros(ckpt["model"][first].shape[0] + 1, *ckpt["model"][first].shape[1:])
+    unreadable = "safely"  # both loaders' word for a file torch.load cannot read
+    files = dict(truncated=(raw[:len(raw) // 2], unreadable), empty=(b"", unreadable),
+                 random=(np.random.default_rng(0).bytes(4096), unreadable),
+                 missing_key=({k: v for k, v in ckpt.items() if k != missing_key}, f"without {missing_key}"),
+                 wrong_shape=(dict(ckpt, model=dict(ckpt["model"], **{first: bigger})), f"wrong shape: {first}"),
+                 bad_config=(dict(ckpt, model_config=dict(ckpt["model_config"], n_codes="many")), "does not describe"))
+    out = {}
+    for damage, (content, words) in files.items():
+        path = folder / f"{damage}.pt"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            torch.save(content, path)
+        out[damage] = (str(path), words)
+    return out
+
+
+def as_resume_dir(path, folder, extra=()):
+    """A training out_dir whose ckpt.pt is a copy of `path` (and the files in extra)."""
+    folder.mkdir(parents=True)
+    shutil.copy(path, folder / "ckpt.pt")
+    for file in extra:
+        shutil.copy(file, folder)
+    return folder
+
+
+def test_damaged_checkpoints_are_one_line_wherever_they_are_read(tiny_runs, tmp_path):
+    root, gpt_config = tiny_runs
+    vq_path, gpt_path = str(root / "vqgan" / "ckpt.pt"), str(root / "gpt" / "ckpt.pt")
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(photo)
+    sampling = dict(sample.CONFIG, gpt_ckpt=gpt_path, device="cpu", num_samples=1, out=str(tmp_path / "x.png"))
+    caches = list((root / "gpt").glob("tokens_*.pt"))
+    vqgan_readers = {
+        "vqgan.load_vqgan": lambda p, i: vqgan.load_vqgan(p),
+        "sample --reconstruct": lambda p, i: sample.sample(dict(sampling, reconstruct=str(photo), vqgan_ckpt=p)),
+        "sample --vqgan_ckpt": lambda p, i: sample.sample(dict(sampling, vqgan_ckpt=p)),
+        "train_gpt --vqgan_ckpt": lambda p, i: train_gpt.train(dict(gpt_config, vqgan_ckpt=p,
+                                                                    out_dir=str(tmp_path / f"g{i}"))),
+        "train_vqgan --resume": lambda p, i: train_vqgan.train(tiny_train_config(
+            as_resume_dir(p, tmp_path / f"v{i}"), resume=True)),
+    }
+    gpt_readers = {
+        "gpt.load_gpt": lambda p, i: gpt_module.load_gpt(p),
+        "sample --gpt_ckpt": lambda p, i: sample.sample(dict(sampling, gpt_ckpt=p)),
+        "train_gpt --resume": lambda p, i: train_gpt.train(dict(gpt_config, resume=True, out_dir=str(
+            as_resume_dir(p, tmp_path / f"r{i}", caches)))),
+    }
+    for readers, src, other, kind in ((vqgan_readers, vq_path, gpt_path, "gpt"), (gpt_readers, gpt_path, vq_path, "vqgan")):
+        cases = damaged_copies(src, tmp_path / kind, "model_config")
+        cases["wrong_kind"] = (other, f"is a {kind} checkpoint, not a")
+        for i, (damage, (path, words)) in enumerate(cases.items()):
+            for reader, read in readers.items():
+                if damage == "bad_config" and reader.endswith("--resume"):
+                    continue  # --resume builds the model from the flags' config, not from model_config
+                message = one_error_line(lambda: read(path, f"{kind}{i}"))
+                named = f"{kind}{i}/ckpt.pt" if reader.endswith("--resume") else path  # resume: the out_dir's copy
+                assert named in message and words in message, (reader, damage, message)
+
+
+def run_scripts(*commands):
+    """Run the scripts side by side (each imports torch: seconds) -> [(returncode, stderr)]."""
+    runs = [subprocess.Popen([sys.executable] + list(c), cwd=os.path.dirname(os.path.abspath(__file__)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    return [(r.wait(timeout=300), r.communicate()[1]) for r in runs]
+
+
+def assert_one_line_exit_2(result, words):
+    code, stderr = result
+    assert code == 2 and "Traceback" not in stderr, (code, stderr)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], stderr
+
+
+def test_damaged_checkpoints_exit_2_from_the_shell(tiny_runs, tmp_path):
+    root, _ = tiny_runs
+    cases = damaged_copies(str(root / "gpt" / "ckpt.pt"), tmp_path, "grid_hw")
+    resume = as_resume_dir(cases["truncated"][0], tmp_path / "resume")
+    results = run_scripts(["sample.py", f"--gpt_ckpt={cases['random'][0]}", "--device=cpu"],
+                          ["sample.py", f"--gpt_ckpt={cases['wrong_shape'][0]}", "--device=cpu"],
+                          ["train_vqgan.py", "--resume=true", f"--out_dir={resume}"])
+    assert_one_line_exit_2(results[0], "could not be loaded safely")
+    assert_one_line_exit_2(results[1], "wrong shape")
+    assert_one_line_exit_2(results[2], "not a checkpoint this project can load safely")
+
+
+ANY_INTEGER = {"seed"}  # every integer is a seed
+
+
+def bad_values(name, default):
+    """Values a flag with this default must refuse: not its type, not finite, or below its range."""
+    if isinstance(default, bool):
+        return ["maybe"]
+    if isinstance(default, tuple):
+        return ["1;2", "-2"]
+    if isinstance(default, int):
+        return ["x", "1.5"] + ([] if name in ANY_INTEGER else ["-2"])
+    if isinstance(default, float):
+        return ["x", "nan", "inf", "-inf", "-1.5"]
+    return []  # names and paths: checked where they are used (the choices below, missing files above)
+
+
+def test_every_flag_of_every_script_refuses_a_bad_value():
+    import bench
+    checks = {train_vqgan: train_vqgan.resolve_config, train_gpt: train_gpt.resolve_config,
+              sample: lambda o: sample.check_config(dict(sample.CONFIG, **o)),
+              bench: lambda o: bench.check_config(dict(bench.CONFIG, **o))}
+    tried = 0
+    for script, check in checks.items():
+        for name, default in script.CONFIG.items():
+            for value in bad_values(name, default):
+                message = one_error_line(lambda: check(utils.parse_overrides(script.CONFIG, [f"--{name}={value}"],
+                                                                             script.__file__)))
+                assert f"--{name}" in message, (script.__name__, name, value, message)
+                tried += 1
+        check({})  # ... and the defaults pass
+    assert tried > 100
+    assert "is not a finite number" in one_error_line(lambda: utils.convert_value("lr", "nan", 1e-3))
+    assert utils.convert_value("lr", "1e-3", 1.0) == 1e-3
+    # flags that name one of a few choices
+    for script, name, value in [(train_vqgan, "preset", "huge"), (train_vqgan, "lr_schedule", "linear"),
+                                (train_vqgan, "pixel_loss", "l3"), (train_vqgan, "condition", "depth"),
+                                (train_gpt, "conditional", "pixels"), (bench, "config", "huge")]:
+        assert f"--{name}={value}" in one_error_line(lambda: checks[script]({name: value}))
+    assert "--device=tpu" in one_error_line(lambda: utils.pick_device("tpu"))
+    assert "--dtype=fp8" in one_error_line(lambda: utils.pick_dtype("fp8", torch.device("cpu")))
+
+
+def test_bad_flags_exit_2_with_one_line_from_the_shell():
+    results = run_scripts(["train_vqgan.py", "--lr=nan"], ["train_gpt.py", "--batch_size=-2"],
+                          ["sample.py", "--top_p=2"], ["bench.py", "--iters=0"])
+    for result, words in zip(results, ["--lr=nan is not a finite number", "--batch_size=-2 must be positive",
+                                       "--top_p", "--iters"]):
+        assert_one_line_exit_2(result, words)
+
+
+def test_load_vqgan_and_load_gpt_read_own_and_official_files(tiny_runs, tmp_path):
+    root, _ = tiny_runs
+    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # this project's checkpoints
+    for load, name in ((vqgan.load_vqgan, "vqgan"), (gpt_module.load_gpt, "gpt")):
+        path = str(root / name / "ckpt.pt")
+        assert same(load(path).state_dict(), utils.load_checkpoint(path, name)["model"])
+    # official Lightning files (with a pickled object beside the state dict)
+    torch.manual_seed(0)
+    vq, disc = tiny_vqgan(), Discriminator(ndf=8, n_layers=2)
+    path = str(tmp_path / "vqgan.ckpt")
+    torch.save(dict(official_layout(vq, disc), callbacks=PickledCallback()), path)
+    assert same(vqgan.load_vqgan(path).state_dict(), vq.state_dict())
+    gpt = GPT(16, 65, n_layer=1, n_head=2, n_embd=16).eval()
+    layout = official_transformer_layout(gpt, vq)
+    path = str(tmp_path / "gpt.ckpt")
+    torch.save(layout, path)
+    idx = torch.randint(0, 16, (2, 10))  # image codes (the start token is official code 0, not ours)
+    with torch.no_grad():
+        torch.testing.assert_close(gpt_module.load_gpt(path, n_head=2).eval()(idx), gpt(idx))
+    assert gpt_module.load_gpt(path, n_head=2, n_classes=3).n_cond_tokens == 3
+    # a depth-to-image transformer: the condition VQGAN's codebook gives the condition tokens
+    layout["state_dict"]["cond_stage_model.quantize.embedding.weight"] = torch.zeros(8, 4)
+    torch.save(layout, path)
+    assert gpt_module.load_gpt(path, n_head=2).n_cond_tokens == 8
+    # each refuses the other's file, in one line
+    assert "is a gpt checkpoint, not a vqgan" in one_error_line(lambda: vqgan.load_vqgan(str(root / "gpt" / "ckpt.pt")))
+    assert "no tensor 'tok_emb.weight'" in one_error_line(lambda: gpt_module.load_gpt(str(tmp_path / "vqgan.ckpt")))
+    assert "n_head=3 does not divide" in one_error_line(lambda: gpt_module.load_gpt(path, n_head=3))
+
+
+def test_sample_refuses_a_vqgan_the_gpt_was_not_trained_on(tiny_runs, tmp_path):
+    root, _ = tiny_runs
+    gpt_ckpt = utils.load_checkpoint(str(root / "gpt" / "ckpt.pt"), "gpt")
+    assert gpt_ckpt["vqgan_digest"] == utils.weights_digest(utils.load_checkpoint(gpt_ckpt["vqgan_ckpt"], "vqgan")["model"])
+    # the GPT's VQGAN in another folder, and the GPT pointing there
+    shutil.copytree(root / "vqgan", tmp_path / "vqgan")
+    vq_path, gpt_path = str(tmp_path / "vqgan" / "ckpt.pt"), str(tmp_path / "gpt.pt")
+    torch.save(dict(gpt_ckpt, vqgan_ckpt=vq_path), gpt_path)
+    base = dict(sample.CONFIG, gpt_ckpt=gpt_path, device="cpu", num_samples=1, class_label=0,
+                out=str(tmp_path / "x.png"))
+    sample.sample(base)  # the same weights: wherever the file lies, it samples
+    train_vqgan.train(tiny_train_config(tmp_path / "vqgan", max_steps=3, disc_start=10, resume=True))  # retrained
+    message = one_error_line(lambda: sample.sample(base))
+    assert f"the VQGAN {vq_path} is not the one the GPT {gpt_path} was trained on" in message
+    # the same from the shell, and for a VQGAN given with --vqgan_ckpt
+    (result,) = run_scripts(["sample.py", f"--gpt_ckpt={root / 'gpt' / 'ckpt.pt'}", f"--vqgan_ckpt={vq_path}",
+                             "--device=cpu", f"--out={tmp_path / 'y.png'}"])
+    assert_one_line_exit_2(result, f"the VQGAN {vq_path} is not the one the GPT {root / 'gpt' / 'ckpt.pt'}")
+
+
+def nan_at(real_step, bad_step, poison):
+    """train_step as it is, except that call number bad_step (1-based) goes through poison(result, args)."""
+    calls = []
+
+    def step(*args):
+        calls.append(1)
+        result = real_step(*args)
+        return poison(result, args) if len(calls) == bad_step else result
+    return step
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_runs, tmp_path, monkeypatch):
+    root, gpt_config = tiny_runs
+    # the VQGAN: a checkpoint at step 2, a nan loss at step 3
+    config = tiny_train_config(tmp_path / "vqgan", max_steps=4, eval_interval=2, disc_start=10)
+    monkeypatch.setattr(train_vqgan, "train_step", nan_at(vqgan_loss.train_step, 3,
+                                                          lambda r, a: (dict(r[0], rec=math.nan), r[1])))
+    message = one_error_line(lambda: train_vqgan.train(config))
+    assert message.startswith("error: step 3: the loss is not finite (rec=nan)") and "ckpt.pt is kept" in message
+    ckpt = utils.load_checkpoint(str(tmp_path / "vqgan" / "ckpt.pt"), "vqgan", resume=True)
+    assert ckpt["step"] == 2 and vqgan.vqgan_from_checkpoint(ckpt) is not None
+    # the GPT: the same, from its own train_step (the token cache copied, not encoded again)
+    out = tmp_path / "gpt"
+    out.mkdir()
+    for cache in (root / "gpt").glob("tokens_*.pt"):
+        shutil.copy(cache, out)
+    config = dict(gpt_config, out_dir=str(out), max_steps=4, eval_interval=2)
+    monkeypatch.setattr(train_gpt, "train_step", nan_at(train_gpt.train_step, 3, lambda r, a: math.inf))
+    message = one_error_line(lambda: train_gpt.train(config))
+    assert message.startswith("error: step 3: the loss is not finite (loss=inf)")
+    assert utils.load_checkpoint(str(out / "ckpt.pt"), "gpt", resume=True)["step"] == 2
+    # a finite loss whose update overflowed a weight: nothing is saved over the last checkpoint
+    monkeypatch.undo()
+    (out / "ckpt.pt").unlink()
+
+    def poison(loss, args):
+        with torch.no_grad():
+            utils.unwrap(args[0]).head.weight[0, 0] = math.nan
+        return loss
+    monkeypatch.setattr(train_gpt, "train_step", nan_at(train_gpt.train_step, 2, poison))
+    message = one_error_line(lambda: train_gpt.train(config))
+    assert message.startswith("error: step 2: a weight is no longer finite") and "no checkpoint was written" in message
+    assert not (out / "ckpt.pt").exists()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ out_dir/best.pt (lowest validation loss), out_dir/log.csv and out_dir/samples_XX
 import hashlib
 import math
 import os
-import sys
 import time
 
 import torch
@@ -24,8 +23,9 @@ from tqdm import tqdm
 
 from gpt import GPT, cond_tokens, corrupt_tokens, gpt_loss, spatial_cond_tokens
 from data import SHAPE_NAMES, condition_input, make_datasets, show_condition
-from utils import (append_log, autocast, config_to_resume, load_checkpoint, lr_at, parse_overrides, save_checkpoint,
-                   save_image_grid, start_run, unwrap, wrap_for_training)
+from utils import (append_log, autocast, check_non_negative, config_to_resume, file_digest, load_checkpoint,
+                   load_optimizer, load_weights, lr_at, parse_overrides, run_script, save_checkpoint, save_image_grid,
+                   start_run, stop_if_not_finite, stop_if_weights_not_finite, unwrap, weights_digest, wrap_for_training)
 from vqgan import vqgan_from_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -75,14 +75,6 @@ def learning_rate(step, config):
 
 # -----------------------------------------------------------------------------
 # The token cache: the dataset as index grids, computed once with the frozen VQGAN
-
-
-def file_digest(path):
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_key(vqgan_path, data_settings):
@@ -244,7 +236,7 @@ def load_cond_vqgan(path, image_vqgan_config, device):
         if cond_config[key] != image_vqgan_config[key]:
             raise SystemExit(f"error: the condition VQGAN was trained with {key}={cond_config[key]} but the image "
                              f"VQGAN with {key}={image_vqgan_config[key]} (train both on the same data)")
-    return vqgan_from_checkpoint(ckpt).to(device).eval().requires_grad_(False), cond_config
+    return vqgan_from_checkpoint(ckpt, path).to(device).eval().requires_grad_(False), cond_config
 
 
 def resolve_config(overrides):
@@ -264,6 +256,7 @@ def resolve_config(overrides):
         raise SystemExit(f"error: --n_embd={config['n_embd']} is not divisible by --n_head={config['n_head']}")
     if not 0 < config["pkeep"] <= 1 or config["lr"] <= 0 or config["warmup_steps"] < 0:
         raise SystemExit("error: --pkeep must be in (0, 1], --lr positive and --warmup_steps non-negative")
+    check_non_negative(config, ("max_images", "weight_decay", "grad_clip"))
     return config
 
 
@@ -271,7 +264,9 @@ def train(config):
     ddp, rank, world_size, device, dtype = start_run(config)
     master = rank == 0  # only this process writes checkpoints, images and logs
     vq_ckpt = load_checkpoint(config["vqgan_ckpt"], "vqgan")
-    vqgan = vqgan_from_checkpoint(vq_ckpt).to(device).eval().requires_grad_(False)
+    vqgan = vqgan_from_checkpoint(vq_ckpt, config["vqgan_ckpt"]).to(device).eval().requires_grad_(False)
+    # sample.py refuses any other VQGAN for this GPT: its codes would mean other pictures
+    vqgan_digest = weights_digest(vq_ckpt["model"])
     data_config = dict(vq_ckpt["config"], **({"data": config["data"]} if config["data"] else {}))
     spatial = config["conditional"] == "spatial"
     cond_vqgan, cond_config = load_cond_vqgan(config["cond_vqgan_ckpt"], data_config, device) if spatial else (None, None)
@@ -304,9 +299,9 @@ def train(config):
     ckpt_path, best_path, log_path = (os.path.join(out_dir, n) for n in ("ckpt.pt", "best.pt", "log.csv"))
     step, best = 0, float("inf")
     if config["resume"]:
-        ckpt = load_checkpoint(ckpt_path, "gpt")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = load_checkpoint(ckpt_path, "gpt", resume=True)
+        load_weights(model, ckpt["model"], ckpt_path, "model")
+        load_optimizer(optimizer, ckpt["optimizer"], ckpt_path, "optimizer")
         step, best = ckpt["step"], ckpt["best_val_loss"]
         torch.set_rng_state(ckpt["rng"])
         if master:
@@ -320,10 +315,12 @@ def train(config):
     def checkpoint(val_loss):
         return dict(kind="gpt", model=model.state_dict(), model_config=model.config, optimizer=optimizer.state_dict(),
                     step=step, best_val_loss=best, val_loss=val_loss, config=config, rng=torch.get_rng_state(),
-                    vqgan_ckpt=config["vqgan_ckpt"], vqgan_config=vqgan.config, grid_hw=list(grid_hw),
+                    vqgan_ckpt=config["vqgan_ckpt"], vqgan_config=vqgan.config, vqgan_digest=vqgan_digest,
+                    grid_hw=list(grid_hw),
                     image_size=data_config["image_size"], conditional=config["conditional"],
                     class_names=class_names if config["conditional"] == "class" else [],
                     **(dict(cond_vqgan_ckpt=config["cond_vqgan_ckpt"], cond_config=cond_config,
+                            cond_vqgan_digest=weights_digest(cond_vqgan.state_dict()),
                             cond_grid_hw=list(train_labels.shape[1:])) if spatial else {}))
 
     bar = tqdm(total=config["max_steps"], initial=step, desc="gpt", dynamic_ncols=True, disable=not master)
@@ -332,9 +329,13 @@ def train(config):
         loss = train_step(train_model, optimizer, scaler, train_tokens, train_labels, step, config, device, dtype,
                           rank, world_size)
         step += 1
+        stop_if_not_finite(dict(loss=loss), step, ckpt_path, ddp, device)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{learning_rate(step - 1, config):.1e}")
-        if master and (step % config["eval_interval"] == 0 or step == config["max_steps"]):
+        evaluating = step % config["eval_interval"] == 0 or step == config["max_steps"]
+        if evaluating:  # every process: DDP keeps the weights equal, so all stop together
+            stop_if_weights_not_finite((model,), step, ckpt_path)  # before sampling or saving over a good ckpt.pt
+        if master and evaluating:
             val = validation_loss(model, val_tokens, val_labels, config, device, dtype)
             png_path = os.path.join(out_dir, f"samples_{step:06d}.png")
             if spatial:  # the first validation conditions, each beside its sample
@@ -362,4 +363,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

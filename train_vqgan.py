@@ -16,7 +16,6 @@ python train_gpt.py, which encodes the data with this VQGAN.
 
 import math
 import os
-import sys
 import time
 
 import torch
@@ -27,8 +26,9 @@ from data import (BUILT_IN_DATA, NUM_SHAPE_CLASSES, SHAPE_NAMES, TORCHVISION_DAT
                   step_batches)
 from lpips_lite import LPIPS, WeightsUnavailable
 from metrics import evaluate, save_usage_histogram
-from utils import (append_log, autocast, config_for_checkpoint, config_to_resume, load_checkpoint, lr_at,
-                   parse_overrides, save_checkpoint, save_image_grid, start_run, wrap_for_training)
+from utils import (append_log, autocast, check_non_negative, config_for_checkpoint, config_to_resume, load_checkpoint,
+                   load_optimizer, load_weights, lr_at, parse_overrides, run_script, save_checkpoint, save_image_grid,
+                   start_run, stop_if_not_finite, stop_if_weights_not_finite, wrap_for_training)
 from vqgan import VQGAN, Discriminator, PAPER_CONFIG, codebook_usage, init_codebook_with_kmeans, restart_dead_codes
 from vqgan_loss import adam, discriminator_on, train_step
 
@@ -139,8 +139,12 @@ def check_config(c):
             raise SystemExit(f"error: --{k}={c[k]} must be positive")
     if c["n_codes"] < 2:
         raise SystemExit(f"error: --n_codes={c['n_codes']} must be at least 2")
-    if not c["ch_mult"]:
-        raise SystemExit("error: --ch_mult needs at least one level, e.g. --ch_mult=1,2,2")
+    if not c["ch_mult"] or min(c["ch_mult"]) <= 0 or (c["attn_resolutions"] and min(c["attn_resolutions"]) <= 0):
+        raise SystemExit("error: --ch_mult needs at least one level and --attn_resolutions sizes, all positive, "
+                         "e.g. --ch_mult=1,2,2 --attn_resolutions=8")
+    check_non_negative(c, ("num_workers", "warmup_steps", "disc_start", "cond_classes"))
+    if c["lowres_factor"] < 2:
+        raise SystemExit(f"error: --lowres_factor={c['lowres_factor']} must be 2 or more")
     check_condition(c)
     size, what = input_size(c), "" if c["condition"] != "lowres" else f" / --lowres_factor={c['lowres_factor']}"
     if size % f:
@@ -258,11 +262,11 @@ def train(config):
     ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.csv")
     step = 0
     if config["resume"]:
-        ckpt = load_checkpoint(ckpt_path, "vqgan")
-        model.load_state_dict(ckpt["model"])
-        disc.load_state_dict(ckpt["disc"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
+        ckpt = load_checkpoint(ckpt_path, "vqgan", resume=True)
+        load_weights(model, ckpt["model"], ckpt_path, "model")
+        load_weights(disc, ckpt["disc"], ckpt_path, "disc")
+        load_optimizer(opt_g, ckpt["opt_g"], ckpt_path, "opt_g")
+        load_optimizer(opt_d, ckpt["opt_d"], ckpt_path, "opt_d")
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"])
         if master:
@@ -300,6 +304,7 @@ def train(config):
         logs, indices = train_step(train_model, train_disc, lpips, opt_g, opt_d, scaler, x, lr, use_disc, losses,
                                    device, dtype)
         step += 1
+        stop_if_not_finite(logs, step, ckpt_path, ddp, device)
         code_counts += torch.bincount(indices.flatten(), minlength=model.n_codes)
         if config["dead_code_restart"]:
             restarts += restart_dead_codes(model.quantize, indices, code_age, config["dead_code_restart"], opt_g)
@@ -308,7 +313,10 @@ def train(config):
         bar.set_postfix(rec=f"{logs['rec']:.3f}", q=f"{logs['q']:.3f}", d=f"{logs['d']:.3f}",
                         lam=f"{logs['lam']:.2f}", codes=f"{usage:.0%}")
 
-        if master and (step % config["eval_interval"] == 0 or step == config["max_steps"]):
+        evaluating = step % config["eval_interval"] == 0 or step == config["max_steps"]
+        if evaluating:  # every process: DDP keeps the weights equal, so all stop together
+            stop_if_weights_not_finite((model, disc), step, ckpt_path)  # before sampling or saving over a good ckpt.pt
+        if master and evaluating:
             metrics, (x0, x0_hat) = evaluate(model, lpips, val_set, config, device, dtype)
             grid = save_image_grid(torch.cat([x0, x0_hat]), os.path.join(out_dir, f"recon_{step:06d}.png"), len(x0))
             append_log(log_path, dict(step=step, time=round(time.time() - started, 1), **logs, **metrics))
@@ -340,4 +348,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

@@ -5,8 +5,10 @@ official Lightning files), image grids, the learning-rate schedule and the CSV l
 """
 
 import csv
+import hashlib
 import math
 import os
+import pickle
 import sys
 from contextlib import nullcontext
 
@@ -44,11 +46,34 @@ def convert_value(name, value, default):
             raise ValueError
         if isinstance(default, tuple):
             return tuple(int(v) for v in value.split(",") if v.strip())
-        return type(default)(value)
+        out = type(default)(value)
+        if isinstance(out, float) and not math.isfinite(out):  # float() reads nan and inf; no setting wants them
+            raise SystemExit(f"error: --{name}={value} is not a finite number (default: {format_value(default)})")
+        return out
     except ValueError:
         kind = "true or false" if isinstance(default, bool) else \
             "comma-separated integers like 1,2,2" if isinstance(default, tuple) else f"a {type(default).__name__}"
         raise SystemExit(f"error: --{name}={value} is not {kind} (default: {format_value(default)})") from None
+
+
+def run_script(main):
+    """A script's entry point: main(sys.argv[1:]), where an 'error: ...' SystemExit is that one
+    line on stderr and exit code 2 (the shell's code for bad usage, as argparse gives), never a
+    traceback; --help and normal ends exit 0."""
+    try:
+        main(sys.argv[1:])
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+def check_non_negative(config, names):
+    """One line for the first of these numeric flags that is below 0."""
+    for k in names:
+        if config[k] < 0:
+            raise SystemExit(f"error: --{k}={config[k]} must be 0 or more")
 
 
 def format_value(v):
@@ -162,23 +187,121 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, kind):
-    """Load one of this project's checkpoints, safely (tensors and plain values only)."""
+# What each kind of checkpoint must hold for sampling, evaluation or further training to use it;
+# resuming needs the optimiser state too (RESUME_KEYS). A file without them is damaged or not ours.
+REQUIRED_KEYS = {"vqgan": ("model", "model_config", "config"),
+                 "gpt": ("model", "model_config", "config", "vqgan_ckpt", "grid_hw", "conditional", "class_names",
+                         "image_size")}
+RESUME_KEYS = {"vqgan": ("disc", "disc_config", "opt_g", "opt_d", "step", "rng"),
+               "gpt": ("optimizer", "step", "best_val_loss", "rng")}
+# the training settings of a VQGAN that train_gpt.py and sample.py read back (its data)
+VQGAN_CONFIG_KEYS = ("data", "data_root", "image_size", "seed", "val_fraction")
+
+
+def load_checkpoint(path, kind, resume=False):
+    """Load one of this project's checkpoints, safely (tensors and plain values only), checked
+    to hold what a `kind` checkpoint needs (and, resume=True, what --resume needs)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path} (train one first, or give the right path)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"error: {path} is not a checkpoint this project can load safely ({first_line[:200]})")
-    return check_kind(ckpt, path, kind)
+        # (empty, truncated and random files all land here, each with torch's first line as the reason)
+        raise SystemExit(f"error: {path} is not a checkpoint this project can load safely ({load_error(path, e)}); "
+                         f"retrain it or give another file") from None
+    return check_kind(ckpt, path, kind, resume)
 
 
-def check_kind(ckpt, path, kind):
+def check_kind(ckpt, path, kind, resume=False):
+    """ckpt, after checking its kind and that it holds the keys (of the right types) a `kind`
+    checkpoint needs: else one line naming the file and what is missing."""
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"error: {path} is a {found} checkpoint, not a {kind} checkpoint (check the path)")
+    missing = [k for k in REQUIRED_KEYS[kind] + (RESUME_KEYS[kind] if resume else ()) if k not in ckpt]
+    if kind == "vqgan" and isinstance(ckpt.get("config"), dict):
+        missing += [f"config[{k!r}]" for k in VQGAN_CONFIG_KEYS if k not in ckpt["config"]]
+    if missing:
+        raise SystemExit(f"error: {path} is a {kind} checkpoint without {', '.join(missing)} (damaged, or written "
+                         f"by another version: retrain it or give another file)")
+    if not is_state_dict(ckpt["model"]) or not isinstance(ckpt["model_config"], dict) or \
+            not isinstance(ckpt["config"], dict):
+        raise SystemExit(f"error: {path}: its model, model_config or config is not what train_{kind}.py writes "
+                         f"(a damaged file: retrain it or give another)")
     return ckpt
+
+
+def is_state_dict(sd):
+    return isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())
+
+
+def state_dict_problems(own, sd):
+    """'' if sd has exactly own's keys and shapes, else one line: what is missing, unexpected or
+    of the wrong shape (the first few of each)."""
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in sd and sd[k].shape != own[k].shape]
+    return "; ".join(f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                     for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+
+
+def build_from_checkpoint(build, ckpt, path, config_key="model_config", weights_key="model"):
+    """build(**ckpt[config_key]) filled with ckpt[weights_key]. A config that builds nothing, or
+    weights of other keys or shapes than the model it describes, are one line naming the file
+    (torch's own errors here are many lines, and a size mismatch would otherwise surface later)."""
+    name = getattr(build, "__name__", "model")
+    try:
+        model = build(**ckpt[config_key])
+    except (TypeError, ValueError, KeyError, RuntimeError, ZeroDivisionError, AssertionError) as e:
+        raise SystemExit(f"error: {path}: its {config_key} does not describe a {name} ({first_line(e)}); "
+                         f"a damaged file: retrain it or give another") from None
+    load_weights(model, ckpt[weights_key], path, weights_key)
+    return model
+
+
+def load_weights(module, sd, path, key):
+    problems = state_dict_problems(module.state_dict(), sd) if is_state_dict(sd) else "not a dict of tensors"
+    if problems:
+        raise SystemExit(f"error: {path}: its {key} weights do not fit the {type(module).__name__} its config "
+                         f"describes ({problems}); a damaged file: retrain it or give another")
+    module.load_state_dict(sd)
+
+
+def load_optimizer(optimizer, sd, path, key):
+    """optimizer.load_state_dict(sd), with its state checked against the parameters' shapes
+    (torch checks only the group sizes, and a wrong shape would fail at the first step)."""
+    try:
+        optimizer.load_state_dict(sd)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise SystemExit(f"error: {path}: its {key} does not fit this model's optimiser ({first_line(e)}); "
+                         f"train a new model with another --out_dir") from None
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
+                    raise SystemExit(f"error: {path}: its {key} holds a {name} of shape {tuple(v.shape)} for a "
+                                     f"parameter of shape {tuple(p.shape)} (a damaged file: train anew)")
+
+
+def file_digest(path):
+    """sha1 of a file's bytes."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_digest(state_dict):
+    """sha1 of a state dict's names, shapes, dtypes and values: the same weights give the same
+    digest whatever else their checkpoint holds (step, optimiser) or where the file lies."""
+    h = hashlib.sha1()
+    for k in sorted(state_dict):
+        t = state_dict[k].detach().cpu().contiguous()
+        h.update(f"{k} {tuple(t.shape)} {t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class Inert:
@@ -213,11 +336,21 @@ def load_checkpoint_file(path):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         # also where torch refuses a stand-in outright (globals from os, subprocess, ... are blocked)
-        raise SystemExit(f"error: {path} could not be loaded safely as a PyTorch checkpoint ({last_line(e)})") from None
+        raise SystemExit(f"error: {path} could not be loaded safely as a PyTorch checkpoint ({load_error(path, e)})") from None
     if names:
         print(f"note: {path} pickles {len(names)} Python class(es) besides tensors (e.g. {names[0]}); "
               f"they were loaded as inert stand-ins, none of their code ran")
     return ckpt
+
+
+def load_error(path, e):
+    """Why torch.load refused a file, in a few words: a weights_only refusal names the refused
+    global at its end; a broken zip (a truncated file) says so in its first sentence."""
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    if isinstance(e, pickle.UnpicklingError):
+        return last_line(e)
+    return first_line(e).split(". ")[0]
 
 
 def last_line(e):
@@ -258,6 +391,37 @@ def config_to_resume(overrides, out_dir, kind, model_keys):
 def config_for_checkpoint(config):
     # Tuples become lists: checkpoints hold plain values that weights_only=True accepts.
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
+# -----------------------------------------------------------------------------
+# a run that diverges stops at once, with its last good checkpoint intact
+
+
+def stop_if_not_finite(losses, step, ckpt_path, ddp=False, device="cpu"):
+    """One line naming the step when a logged loss is nan or inf. Training on would only spread
+    the nan into every weight, and the next checkpoint would overwrite the last good one. Under
+    torchrun every process learns of it (a MAX all-reduce), so all stop at the same step
+    instead of the others waiting forever for the one that stopped."""
+    bad = [f"{k}={v}" for k, v in losses.items() if not math.isfinite(v)]
+    if ddp:
+        flag = torch.tensor(float(bool(bad)), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bad or (["in another process"] if flag.item() else [])
+    if bad:
+        stop_diverged(step, f"the loss is not finite ({', '.join(bad)})", ckpt_path)
+
+
+def stop_if_weights_not_finite(modules, step, ckpt_path):
+    # Checked at each evaluation, before anything samples with the weights or saves them over the
+    # last good checkpoint: an update from a finite loss can still overflow a weight.
+    if not all(torch.isfinite(p).all() for m in modules for p in m.parameters()):
+        stop_diverged(step, "a weight is no longer finite", ckpt_path)
+
+
+def stop_diverged(step, what, ckpt_path):
+    last = f"the last good checkpoint {ckpt_path} is kept" if os.path.isfile(ckpt_path) else "no checkpoint was written"
+    raise SystemExit(f"error: step {step}: {what}; training stopped and {last} (lower --lr, or --grad_clip for the "
+                     f"GPT, then train again or --resume)")
 
 
 # -----------------------------------------------------------------------------

@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import utils  # plain plumbing: checked checkpoint loading
+
 # The paper's configuration (every official VQGAN config: f16, K=1024, 256x256). It builds the
 # same 72.1M-parameter autoencoder as the official code (discriminator and LPIPS not counted).
 PAPER_CONFIG = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
@@ -569,11 +571,26 @@ def last_layer_grads(rec_loss, g_loss, last_layer):
     return rec_grad, gan_grad
 
 
-def vqgan_from_checkpoint(ckpt):
-    """A VQGAN built and filled from one of train_vqgan.py's checkpoint dicts."""
-    model = VQGAN(**ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    return model
+def vqgan_from_checkpoint(ckpt, path="the checkpoint"):
+    """A VQGAN built and filled from one of train_vqgan.py's checkpoint dicts (checked: a config
+    that builds nothing or weights that do not fit it are one line naming `path`)."""
+    return utils.build_from_checkpoint(VQGAN, ckpt, path)
+
+
+def load_vqgan(path):
+    """The VQGAN in the file at `path`: one of train_vqgan.py's checkpoints or an official
+    taming-transformers one (a VQModel last.ckpt, loaded safely). Bad files are one line."""
+    return vqgan_from_loaded(utils.load_checkpoint_file(path), path)
+
+
+def vqgan_from_loaded(ckpt, path):
+    """load_vqgan on an already loaded file (sample.py also reads its training size)."""
+    if isinstance(ckpt, dict) and "kind" in ckpt:  # ours: written by train_vqgan.py
+        return vqgan_from_checkpoint(utils.check_kind(ckpt, path, "vqgan"), path)
+    try:
+        return load_official_vqgan(utils.official_state_dict(ckpt, path))[0]
+    except ValueError as e:
+        raise SystemExit(f"error: {path}: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -626,15 +643,9 @@ def discriminator_config_from_state_dict(sd):
 
 def load_strict(model, sd, what):
     """load_state_dict(strict) with a one-line ValueError naming what does not match."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in sd and sd[k].shape != own[k].shape]
-    problems = [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+    problems = utils.state_dict_problems(model.state_dict(), sd)
     if problems:
-        raise ValueError(f"{what} does not match the official layout ({'; '.join(problems)})")
+        raise ValueError(f"{what} does not match the official layout ({problems})")
     # assign=True on a meta-built model: the checkpoint's tensors become the parameters, so a
     # paper-size model is never randomly initialised (seconds and a copy of its memory saved)
     model.load_state_dict(sd, strict=True, assign=True)
