@@ -61,8 +61,8 @@ from data import ScenesDataset, draw_scene
 # wait on each other make the suite many times slower.
 torch.set_num_threads(1)
 
-# The official implementation's outputs for small random models (a 1.9 MB part of
-# shared/reference/official_small.pt: CompVis/taming-transformers @3ba01b2, fp32 on the CPU).
+# The official implementation's outputs for small random models (CompVis/taming-transformers
+# @3ba01b2, fp32 on the CPU), recorded once into this repository's official_small_fixture.pt.
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_small_fixture.pt")
 
 
