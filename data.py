@@ -66,6 +66,13 @@ def _shape_mask(kind, cx, cy, size, xs, ys):
     return (depth >= 0) & (depth <= 1) & (np.abs(xs - cx) <= half * depth)
 
 
+def check_generated_data_args(what, num_items, image_size, seed):
+    if image_size < 8:
+        raise ValueError(f"{what}: image_size must be >= 8, got {image_size}")
+    if num_items < 1 or seed < 0:
+        raise ValueError(f"{what}: need num_items >= 1 and seed >= 0, got {num_items}, {seed}")
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """One flat shape on a flat background, drawn from (seed, index) when asked: no files.
 
@@ -74,10 +81,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, num_items, image_size=32, seed=0):
-        if image_size < 8:
-            raise ValueError(f"ShapesDataset: image_size must be >= 8, got {image_size}")
-        if num_items < 1 or seed < 0:
-            raise ValueError(f"ShapesDataset: need num_items >= 1 and seed >= 0, got {num_items}, {seed}")
+        check_generated_data_args("ShapesDataset", num_items, image_size, seed)
         self.num_items, self.image_size, self.seed = num_items, image_size, seed
         centres = np.arange(image_size) + 0.5
         self.ys, self.xs = np.meshgrid(centres, centres, indexing="ij")
@@ -148,10 +152,7 @@ class ScenesDataset(torch.utils.data.Dataset):
     0 background, 1 + class on a shape)."""
 
     def __init__(self, num_items, image_size=32, seed=0):
-        if image_size < 8:
-            raise ValueError(f"ScenesDataset: image_size must be >= 8, got {image_size}")
-        if num_items < 1 or seed < 0:
-            raise ValueError(f"ScenesDataset: need num_items >= 1 and seed >= 0, got {num_items}, {seed}")
+        check_generated_data_args("ScenesDataset", num_items, image_size, seed)
         self.num_items, self.image_size, self.seed = num_items, image_size, seed
         self.colours = palette_tensor()
         self.random_flip, self.num_classes = False, 0  # read by train_gpt.py: no class labels
