@@ -47,7 +47,8 @@ CONFIG = dict(
     vqgan_ckpt="",                # '' = the VQGAN the GPT was trained with (its path is in the GPT checkpoint)
     num_samples=16,               # images to sample (class-conditional without --class_label: per class, 8 at most)
     temperature=1.0,              # < 1 sharper, > 1 more varied
-    top_k=0,                      # sample only among the k most likely codes (0 = all; official: 100 to 600)
+    top_k=16,                     # sample only among the k most likely codes (0 = all; official: 100 to 600);
+                                  # 16 gives the cleanest shapes of the built-in data (RESULTS.md)
     top_p=1.0,                    # nucleus: the smallest set of codes with this much probability (1.0 = all)
     class_label=-1,               # class-conditional models: the class to draw (-1 = one row per class)
     height=0,                     # output height in pixels (0 = the training size); a multiple of the VQGAN's f
