@@ -32,10 +32,10 @@ import torchvision.transforms.functional as TF
 from PIL import ImageDraw
 from tqdm import tqdm
 
-from gpt import cond_tokens, gpt_from_loaded, sample_sliding_window, spatial_cond_tokens
-from lpips_lite import LPIPS, MIN_SIZE, WeightsUnavailable
 from data import (BUILT_IN_DATA, SHAPE_NAMES, condition_input, draw_scene, image_transform, input_size, make_datasets,
                   open_rgb, palette_tensor, read_label_map, show_condition)
+from gpt import cond_tokens, gpt_from_loaded, sample_sliding_window, spatial_cond_tokens
+from lpips_lite import LPIPS, MIN_SIZE, WeightsUnavailable
 from metrics import build_inception, evaluate, fid, inception_features, psnr
 from shape_score import MIN_IOU, score_against_map, score_batch, score_canvas
 from utils import (check_kind, check_non_negative, first_line, load_checkpoint, load_checkpoint_file, official_state_dict,

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -30,32 +31,29 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-import lpips_lite
-import sample
-import train_gpt
-import train_vqgan
 import data
 import gpt as gpt_module
+import lpips_lite
 import metrics
+import sample
+import shape_score
+import train_gpt
+import train_vqgan
 import utils
 import vqgan
 import vqgan_loss
+from data import (PALETTE, SHAPE_NAMES, ImageFileDataset, ScenesDataset, ShapesDataset, TorchvisionImages, draw_scene,
+                  find_images, make_datasets, split_files)
 from gpt import (GPT, KVCache, cond_tokens, corrupt_tokens, gpt_loss, load_official_gpt, sample_logits, sample_sliding_window,
-                 top_k_filter, top_p_filter, window_start)
+                 spatial_cond_tokens, top_k_filter, top_p_filter, window_start)
 from lpips_lite import LPIPS, WeightsUnavailable
-from data import PALETTE, SHAPE_NAMES, ImageFileDataset, ShapesDataset, TorchvisionImages, find_images, make_datasets, split_files
-from utils import save_image_grid
-from vqgan_loss import discriminator_step
-from vqgan import (PAPER_CONFIG, VQGAN, Discriminator, VectorQuantizer, adaptive_weight, codebook_loss, last_layer_grads,
-                   codebook_usage, commitment_loss, count_parameters, hinge_d_loss, hinge_g_loss, load_official_vqgan,
-                   nearest_code, pixel_loss, straight_through, vqgan_config_from_state_dict)
-from gpt import spatial_cond_tokens
-from vqgan import semantic_rec_loss
 from metrics import fid, frechet_distance, ssim
-from vqgan import init_codebook_with_kmeans, kmeans, restart_dead_codes
-from collections import Counter
-import shape_score
-from data import ScenesDataset, draw_scene
+from utils import save_image_grid
+from vqgan import (PAPER_CONFIG, VQGAN, Discriminator, VectorQuantizer, adaptive_weight, codebook_loss, codebook_usage,
+                   commitment_loss, count_parameters, hinge_d_loss, hinge_g_loss, init_codebook_with_kmeans, kmeans,
+                   last_layer_grads, load_official_vqgan, nearest_code, pixel_loss, restart_dead_codes, semantic_rec_loss,
+                   straight_through, vqgan_config_from_state_dict)
+from vqgan_loss import discriminator_step
 
 # The models here are tiny: a second thread buys nothing, and on a busy machine two threads that
 # wait on each other make the suite many times slower.
