@@ -12,8 +12,9 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw
 
-from data import colourise, condition_input
+from data import BUILT_IN_DATA, colourise, condition_input
 from lpips_lite import download_imagenet_weights
+from shape_score import score_canvas, score_image
 from utils import autocast
 from vqgan import codebook_usage, usage_from_counts
 
@@ -122,7 +123,8 @@ def evaluate(model, lpips, val_set, config, device, dtype, inception=None):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(min(len(val_set), config["eval_images"]))),
                                          batch_size=config["batch_size"], num_workers=config["num_workers"])
     l1, ps, lp, acc, all_indices, first = [], [], [], [], [], None
-    ss, real, fake = [], [], []
+    ss, real, fake, clean = [], [], [], []
+    scored = config["data"] in BUILT_IN_DATA and config["condition"] == ""  # shape_score.py applies
     for batch in loader:
         x = condition_input(batch, config).to(device)
         with autocast(device, dtype):
@@ -138,6 +140,8 @@ def evaluate(model, lpips, val_set, config, device, dtype, inception=None):
                 lp.append(lpips(x, x_hat).float())
             if min(x.shape[-2:]) >= 11:  # SSIM's window
                 ss.append(ssim(x, x_hat))
+            if scored:
+                clean += clean_shapes(x_hat.cpu(), config["data"], config["image_size"])
             if inception is not None:
                 real.append(inception_features(inception, x))
                 fake.append(inception_features(inception, x_hat))
@@ -152,9 +156,20 @@ def evaluate(model, lpips, val_set, config, device, dtype, inception=None):
                        val_lpips=torch.cat(lp).mean().item() if lp else float("nan"),
                        val_ssim=torch.cat(ss).mean().item() if ss else float("nan"))
     metrics.update(val_usage=usage, val_perplexity=perplexity)
+    if scored:
+        metrics["val_clean"] = sum(clean) / max(1, len(clean))
     if inception is not None:
         metrics["val_fid"] = fid(torch.cat(real), torch.cat(fake))
     return metrics, first
+
+
+def clean_shapes(images, data, image_size):
+    """The built-in score (shape_score.py) of images of the built-in data -> one bool per shape:
+    for 'shapes' one per image, for 'scenes' each shape wholly inside the crop. The reconstructions'
+    share is the ceiling of what a GPT over this VQGAN can score."""
+    if data == "shapes":
+        return [score_image(x)[0] for x in images]
+    return [shape[0] for x in images for shape in score_canvas(x, image_size)["shapes"]]
 
 
 def save_usage_histogram(counts, path, what, width=512, height=160):

@@ -142,8 +142,9 @@ def judge_shape(colours, distance, label, index):
     for other in np.unique(label[dilate(shape) & ~shape & ~specks & (label >= 0)]):
         if ((label == other) & ~band).any():
             return False, None, 0.0, "touching: a region of another colour touches the shape beyond its edge"
-    if (near & specks & ~shape).sum() > MAX_SPECK_PIXELS:
-        return False, None, 0.0, (f"specks: {int((near & specks & ~shape).sum())} speck pixels near the shape "
+    loose = near & specks & ~shape & ~band  # in the band, specks are a soft edge's mixed colours (rule 4)
+    if loose.sum() > MAX_SPECK_PIXELS:
+        return False, None, 0.0, (f"specks: {int(loose.sum())} speck pixels near the shape, beyond its edge "
                                   f"(at most {MAX_SPECK_PIXELS})")
     blurry = near & ~band & (distance > OFF_PALETTE)
     if blurry.any():

@@ -324,7 +324,8 @@ def train(config):
             lpips_text = "" if math.isnan(metrics.get("val_lpips", math.nan)) else f", LPIPS {metrics['val_lpips']:.4f}"
             quality = (f"pixel accuracy {metrics['val_accuracy']:.2%}" if "val_accuracy" in metrics else
                        f"val L1 {metrics['val_l1']:.4f}, PSNR {metrics['val_psnr']:.2f} dB{lpips_text}")
-            tqdm.write(f"step {step}: {quality}, codes used {metrics['val_usage']:.1%}, "
+            clean_text = f", clean shapes {metrics['val_clean']:.0%}" if "val_clean" in metrics else ""
+            tqdm.write(f"step {step}: {quality}{clean_text}, codes used {metrics['val_usage']:.1%}, "
                        f"perplexity {metrics['val_perplexity']:.1f}; wrote {grid} and {ckpt_path}")
             if config["dead_code_restart"]:
                 tqdm.write(f"dead-code restarts so far: {restarts}")
