@@ -507,5 +507,9 @@ def step_batches(dataset, batch_size, seed, start_step, num_workers, rank=0, wor
             yield from order[k * batch_size:(k + 1) * batch_size]
             step += 1
 
+    # Its own generator: starting a DataLoader draws a seed from the global RNG otherwise, and a
+    # resumed run, which starts it after restoring that RNG, would then draw every later random
+    # number (e.g. --dead_code_restart's) one step out of line with the uninterrupted run.
     return iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices(),
-                                            num_workers=num_workers, drop_last=True))
+                                            num_workers=num_workers, drop_last=True,
+                                            generator=torch.Generator().manual_seed(seed)))
