@@ -35,7 +35,7 @@ CONFIG = dict(
     vqgan_ckpt="out/vqgan/ckpt.pt",  # the frozen first stage whose index grids the GPT learns
     data="",                  # '' = the data the VQGAN was trained on; else shapes, a folder, cifar10, ...
     max_images=50000,         # encode at most this many training images into the token cache (0 = all). 50000 =
-                              # all the built-in shapes (val 1.63 nats/token after 3000 steps; 1.78 with 20000)
+                              # all the built-in shapes: with fewer, the GPT overfits them (RESULTS.md section 10)
     conditional="none",       # 'none': p(s), one start token; 'class': p(s | c), one token per class (Eq. 10)
     # model (the paper's faces/depth GPT: 24 layers, 16 heads, 1024 wide, block 512)
     n_layer=4,                # transformer blocks

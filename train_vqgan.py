@@ -60,7 +60,7 @@ CONFIG = dict(
     # loss
     pixel_loss="l1",          # pixel term of L_rec: 'l1' = |x - x_hat|, the official code's; 'l2' = (x - x_hat)^2,
                               # Eq. (4) as the paper writes it (what PSNR measures: higher PSNR in short runs, no
-                              # cleaner shapes). The long default run that gives clean shapes was measured with l1
+                              # cleaner shapes). The long default run with clean shapes was measured with l1
     perceptual_weight=0.0,    # LPIPS weight in L_rec. Off for shapes: VGG16 weights are a download, and on
                               # flat synthetic shapes the pixel loss alone gives sharp edges (given the steps). 1.0 for photos.
     lpips_pretrained=True,    # False: random VGG features (works offline, but a much weaker perceptual loss)
@@ -73,9 +73,8 @@ CONFIG = dict(
     disc_layers=3,            # stride-2 conv blocks in D (paper 3); needs image_size >= 3 * 2^disc_layers
     # optimisation
     batch_size=16,
-    max_steps=5000,           # total generator steps. Edges sharpen late: the share of clean reconstructed shapes
-                              # was 20% after a 2200-step run, 68% after this one (RESULTS.md); --max_steps=2200
-                              # --disc_start=1900 is the quick look
+    max_steps=5000,           # total generator steps. Edges sharpen late: far more clean reconstructed shapes
+                              # than at 2200 (RESULTS.md section 10); --max_steps=2200 --disc_start=1900 is the quick look
     lr=2e-3,                  # Adam learning rate for both G and D (paper: 4.5e-6 x batch size, for 256x256)
     warmup_steps=100,         # cosine only: a linear warm-up first; at lr 2e-3 Adam's first, noisy steps can wreck a run
     lr_schedule="cosine",     # 'cosine': decay to lr / 10 by max_steps (better PSNR in the same steps);
