@@ -113,20 +113,21 @@ SCENE_CANVAS_SCALE = 2   # a scene's canvas is this many crops wide and high: ro
 SCENE_ATTEMPTS = 12      # shapes tried per canvas; one that would overlap (or come within 1 px of) another is skipped
 
 
-def place_scene_shapes(rng, side, crop_size):
-    """Non-overlapping shapes on a side x side canvas, each of a training size (SHAPE_SIZE_RANGE x
+def place_scene_shapes(rng, height, width, crop_size, attempts):
+    """Non-overlapping shapes on a height x width canvas, each of a training size (SHAPE_SIZE_RANGE x
     crop_size) and wholly inside it, at least 1 px apart (a shape's mask grown by 1 px in the
     8-neighbourhood never meets another's). -> [(label, colour offset 1..7, boolean mask)]."""
-    taken = np.zeros((side, side), dtype=bool)  # the placed shapes, grown by 1 px
+    taken = np.zeros((height, width), dtype=bool)  # the placed shapes, grown by 1 px
     shapes = []
-    for _ in range(SCENE_ATTEMPTS):
+    for _ in range(attempts):
         label, offset = int(rng.integers(NUM_SHAPE_CLASSES)), int(rng.integers(1, len(PALETTE)))
         size = crop_size * rng.uniform(*SHAPE_SIZE_RANGE)
-        cx, cy = rng.uniform(size / 2, side - size / 2, size=2)
+        cx, cy = rng.uniform(size / 2, (width - size / 2, height - size / 2))
         # drawn in the shape's bounding box (+1 px for the margin) only: large canvases stay fast
-        (top, bottom), (left, right) = ((max(0, int(c - size / 2) - 1), min(side, int(c + size / 2) + 2)) for c in (cy, cx))
+        (top, bottom), (left, right) = ((max(0, int(c - size / 2) - 1), min(n, int(c + size / 2) + 2))
+                                        for c, n in ((cy, height), (cx, width)))
         ys, xs = np.meshgrid(np.arange(top, bottom) + 0.5, np.arange(left, right) + 0.5, indexing="ij")
-        mask = np.zeros((side, side), dtype=bool)
+        mask = np.zeros((height, width), dtype=bool)
         mask[top:bottom, left:right] = _shape_mask(label, cx, cy, size, xs, ys)
         if (mask & taken).any():
             continue
@@ -142,6 +143,32 @@ def _grow(mask):
     return np.logical_or.reduce([padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)])
 
 
+def paint_scene(rng, height, width, crop_size, attempts):
+    """One background colour and place_scene_shapes' shapes, each in a colour of its own draw (never
+    the background) -> (image (3, height, width) in [-1, 1], semantic map long, the shapes)."""
+    colours = palette_tensor()
+    background = int(rng.integers(len(PALETTE)))
+    shapes = place_scene_shapes(rng, height, width, crop_size, attempts)
+    image = colours[background][:, None, None].repeat(1, height, width)
+    semantic = torch.zeros(height, width, dtype=torch.long)
+    for label, offset, mask in shapes:
+        mask = torch.from_numpy(mask)
+        image[:, mask] = colours[(background + offset) % len(PALETTE)][:, None]
+        semantic[mask] = 1 + label
+    return image, semantic, shapes
+
+
+def draw_scenes_canvas(height, width, crop_size, seed=0):
+    """A canvas of any size with the statistics of ScenesDataset's canvases (the same shape sizes,
+    the same 1-px gaps, the same number of shapes tried per crop-sized area), for a spatial model
+    trained on scenes: --cond=scene. -> (image (3, height, width), semantic map (height, width))."""
+    rng = np.random.default_rng([seed, height, width, crop_size])
+    crops_of_a_canvas = SCENE_CANVAS_SCALE ** 2
+    attempts = max(1, round(SCENE_ATTEMPTS * height * width / (crops_of_a_canvas * crop_size ** 2)))
+    image, semantic, _ = paint_scene(rng, height, width, crop_size, attempts)
+    return image, semantic
+
+
 class ScenesDataset(torch.utils.data.Dataset):
     """Crops of procedural scenes, drawn from (seed, index) when asked: no files. Each item has its
     own canvas, SCENE_CANVAS_SCALE crops wide and high, of one background colour and several flat
@@ -154,7 +181,6 @@ class ScenesDataset(torch.utils.data.Dataset):
     def __init__(self, num_items, image_size=32, seed=0):
         check_generated_data_args("ScenesDataset", num_items, image_size, seed)
         self.num_items, self.image_size, self.seed = num_items, image_size, seed
-        self.colours = palette_tensor()
         self.random_flip, self.num_classes = False, 0  # read by train_gpt.py: no class labels
 
     def __len__(self):
@@ -167,14 +193,7 @@ class ScenesDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {self.num_items} scenes")
         rng = np.random.default_rng([self.seed, index])  # private per item, as in ShapesDataset
         side = SCENE_CANVAS_SCALE * self.image_size
-        background = int(rng.integers(len(PALETTE)))
-        shapes = place_scene_shapes(rng, side, self.image_size)
-        image = self.colours[background][:, None, None].repeat(1, side, side)
-        semantic = torch.zeros(side, side, dtype=torch.long)
-        for label, offset, mask in shapes:
-            mask = torch.from_numpy(mask)
-            image[:, mask] = self.colours[(background + offset) % len(PALETTE)][:, None]  # never the background
-            semantic[mask] = 1 + label
+        image, semantic, shapes = paint_scene(rng, side, side, self.image_size, SCENE_ATTEMPTS)
         top, left = (int(v) for v in rng.integers(0, side - self.image_size + 1, size=2))
         return image, semantic, shapes, (top, left)
 

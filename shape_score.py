@@ -33,6 +33,7 @@ OFF_PALETTE = 0.25     # in [-1, 1] RGB units (~32/255): a pixel farther than th
 SPECK_PIXELS = 2       # a region this small is noise, not a shape
 MAX_SPECK_PIXELS = 4   # ... but no more than this many speck pixels per image (or per shape's surroundings)
 MIN_IOU = 0.9          # the mask must overlap its best-fitting circle/square/triangle this well
+MAP_IOU = 0.8          # a shape drawn from a semantic map is in the right place when its IoU with the map's shape is this
 REASONS = ("clean", "empty", "touching", "specks", "blurry", "iou", "stray")
 
 _PALETTE = np.array(PALETTE, dtype=np.float32) / 127.5 - 1.0  # (8, 3) in [-1, 1], like the images

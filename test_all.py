@@ -1361,6 +1361,39 @@ def test_scene_crops_agree_with_their_maps_and_shapes_never_overlap():
     assert min(counts) >= 2 and max(counts) >= 4
 
 
+def test_scenes_canvases_of_any_size_keep_the_training_statistics():
+    image, semantic = data.draw_scenes_canvas(32, 128, 32, seed=2)
+    again = data.draw_scenes_canvas(32, 128, 32, seed=2)
+    assert image.shape == (3, 32, 128) and torch.equal(image, again[0]) and torch.equal(semantic, again[1])
+    assert not torch.equal(semantic, data.draw_scenes_canvas(32, 128, 32, seed=3)[1])
+    bg = image[:, semantic == 0]
+    assert (bg == bg[:, :1]).all()  # one background, never a shape's colour
+    assert not (image[:, semantic > 0] == bg[:, :1]).all(0).any()
+    # every shape is one colour and one class, and >= 1 px from the next: growing a shape's mask by
+    # 1 px (8-neighbourhood) meets only the background
+    labels = shape_score.regions(semantic.numpy(), semantic.numpy() > 0)
+    for k in range(int(labels.max()) + 1):
+        mask = labels == k
+        assert len(semantic[torch.from_numpy(mask)].unique()) == 1
+        assert len(image[:, torch.from_numpy(mask)].unique(dim=1).T) == 1
+        ring = shape_score.dilate(mask, 1) & ~mask
+        assert (semantic.numpy()[ring] == 0).all()
+    # as many shapes per crop-sized area as the training canvases (64 x 64 for 32-px crops): a canvas
+    # of 4x their area holds about 4x their shapes
+    def shapes_on(side):
+        return sum(int(shape_score.regions(m.numpy(), m.numpy() > 0).max()) + 1
+                   for m in (data.draw_scenes_canvas(side, side, 32, seed=s)[1] for s in range(10)))
+    assert 3 * shapes_on(64) < shapes_on(128) < 5 * shapes_on(64)
+
+
+def test_cond_scene_draws_maps_like_the_spatial_models_data():
+    for data_name, draw in (("scenes", data.draw_scenes_canvas), ("shapes", draw_scene)):
+        ckpt = dict(cond_config=dict(condition="semantic", data=data_name), image_size=32)
+        images, maps = sample.read_condition(ckpt, dict(cond="scene", height=0, width=128, num_samples=2, seed=5))
+        assert images.shape == (2, 3, 32, 128) and maps.shape == (2, 32, 128)
+        assert torch.equal(maps[1], draw(32, 128, 32, seed=6)[1])
+
+
 def test_scenes_data_flag_wiring():
     train_set, val_set = make_datasets("scenes", 16, num_shapes=10, num_val_shapes=3)
     assert isinstance(train_set, ScenesDataset) and len(train_set) == 10 and len(val_set) == 3
@@ -1853,6 +1886,16 @@ def test_shape_score_canvases_and_semantic_maps():
     # against another scene's map the shapes are neither where nor what the map says
     other = shape_score.score_against_map(image, draw_scene(32, 96, 32, seed=1)[1])
     assert sum(f["map_iou"] >= shape_score.MIN_IOU for f in other) == 0
+    # the map score's line: a square of side 10 drawn 1 px off its map's square overlaps it with
+    # IoU 90 / 110 = 0.82 (in place at 0.8, not at 0.9); 2 px off, 80 / 120 = 0.67
+    square = torch.zeros(32, 32, dtype=torch.long)
+    square[10:20, 10:20] = 2
+    picture = data.palette_tensor()[0][:, None, None].repeat(1, 32, 32)
+    for shift, at_08, at_09 in ((0, 1, 1), (1, 1, 0), (2, 0, 0)):
+        drawn = torch.zeros(32, 32, dtype=torch.bool)
+        drawn[10 + shift:20 + shift, 10:20] = True
+        line = sample.map_score_line(_paint(picture, drawn, 4)[None], square[None])
+        assert f"map score: {at_08}/1" in line and f"({at_09}/1 " in line, (rows, line)
     # a shape painted half in another colour is not one colour
     half = (semantic > 0) & (torch.arange(96) % 2 == 0)[None, :]
     assert not any(f["one_colour"] for f in shape_score.score_against_map(_paint(image, half, 3), semantic))
