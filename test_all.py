@@ -1895,7 +1895,7 @@ def test_shape_score_canvases_and_semantic_maps():
         drawn = torch.zeros(32, 32, dtype=torch.bool)
         drawn[10 + shift:20 + shift, 10:20] = True
         line = sample.map_score_line(_paint(picture, drawn, 4)[None], square[None])
-        assert f"map score: {at_08}/1" in line and f"({at_09}/1 " in line, (rows, line)
+        assert f"map score: {at_08}/1" in line and f"({at_09}/1 " in line, (shift, line)
     # a shape painted half in another colour is not one colour
     half = (semantic > 0) & (torch.arange(96) % 2 == 0)[None, :]
     assert not any(f["one_colour"] for f in shape_score.score_against_map(_paint(image, half, 3), semantic))
